@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast check-cuda bench clean
+
+# The venv, pinned CPU torch (never a bare `torch`), then our C++ extensions built against it.
+$(STAMP): requirements.txt setup.py pyproject.toml csrc/*.cpp
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PIP) install -q torch==2.13.0 -r requirements.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	bash examples/run_cpu_demo.sh
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+check-cuda:
+	bash csrc/fused_softmax/check_compile.sh
+
+clean:
+	rm -rf build *.egg-info megagpt/data/*.so

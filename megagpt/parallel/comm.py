@@ -1,0 +1,108 @@
+"""Raw collectives: the one place that papers over backend differences (gloo vs NCCL) and counts bytes.
+
+Callers never touch torch.distributed collectives directly; they use these wrappers so that
+(a) a backend lacking a fused collective gets a correct fallback here, not in every caller, and
+(b) `count_bytes()` can measure the communication volume of a training step (bench/comm_volume.py).
+Groups of size 1 short-circuit without any call.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+_active_counters: list[Counter] = []
+
+
+@contextlib.contextmanager
+def count_bytes() -> Iterator[Counter]:
+    """Count bytes this rank sends per collective kind while the context is open (ring-algorithm volume)."""
+    counter: Counter = Counter()
+    _active_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _active_counters.remove(counter)
+
+
+def _record(kind: str, nbytes: float) -> None:
+    for counter in _active_counters:
+        counter[kind] += int(nbytes)
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, group, async_op: bool = False):
+    """Sum `tensor` in place over `group`; returns a work handle when async_op."""
+    n = group_size(group)
+    if n == 1:
+        return None
+    _record("all_reduce", 2 * (n - 1) / n * tensor.numel() * tensor.element_size())
+    return dist.all_reduce(tensor, group=group, async_op=async_op)
+
+
+def _has_fused(name: str, group) -> bool:
+    return hasattr(dist, name) and dist.get_backend(group) in ("nccl", "gloo")
+
+
+def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group, async_op: bool = False):
+    """Concatenate every rank's `input_` along dim 0 into `output` (size n * input.size(0))."""
+    n = group_size(group)
+    if n == 1:
+        output.copy_(input_)
+        return None
+    _record("all_gather", (n - 1) * input_.numel() * input_.element_size())
+    fused = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+    if fused is not None and _has_fused(fused.__name__, group):
+        return fused(output, input_.contiguous(), group=group, async_op=async_op)
+    return dist.all_gather(list(output.chunk(n)), input_.contiguous(), group=group, async_op=async_op)
+
+
+def reduce_scatter_into(output: torch.Tensor, input_: torch.Tensor, group, async_op: bool = False):
+    """Sum `input_` over ranks and keep this rank's dim-0 chunk in `output` (size input.size(0) / n)."""
+    n = group_size(group)
+    if n == 1:
+        output.copy_(input_)
+        return None
+    _record("reduce_scatter", (n - 1) * output.numel() * output.element_size())
+    fused = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+    if fused is not None and _has_fused(fused.__name__, group):
+        return fused(output, input_.contiguous(), group=group, async_op=async_op)
+    return dist.reduce_scatter(output, list(input_.chunk(n)), group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group, async_op: bool = False):
+    """Broadcast from global rank `src` to `group`."""
+    if group_size(group) == 1:
+        return None
+    _record("broadcast", tensor.numel() * tensor.element_size() if dist.get_rank() == src else 0)
+    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+
+
+def all_reduce_max(tensor: torch.Tensor, group) -> None:
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+
+
+def batch_send_recv(ops: list[tuple[str, torch.Tensor, int]], group: Optional[object] = None) -> None:
+    """Run point-to-point ops [("send"|"recv", tensor, peer_global_rank)] together and wait for all.
+
+    Uses batch_isend_irecv where the backend supports it; otherwise plain isend/irecv.
+    """
+    if not ops:
+        return
+    for kind, tensor, _ in ops:
+        if kind == "send":
+            _record("p2p", tensor.numel() * tensor.element_size())
+    p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group=group) for kind, t, peer in ops]
+    if dist.get_backend(group) == "nccl":
+        works = dist.batch_isend_irecv(p2p)
+    else:
+        works = [op.op(op.tensor, op.peer, group=op.group) for op in p2p]
+    for w in works:
+        w.wait()

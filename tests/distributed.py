@@ -1,0 +1,87 @@
+"""Run a test function on N gloo processes on this machine.
+
+Usage: ``results = run_distributed(fn, world_size, *args)``. ``fn(*args)`` runs in every rank with
+``torch.distributed`` initialised (gloo, spawn start method); its return values come back as a list
+indexed by rank. An exception in any rank is re-raised here with the child's traceback.
+
+Multi-process runs take a machine-wide file lock so that concurrent pytest sessions on this
+2-core machine never run two process groups at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+LOCK_PATH = os.environ.get("MEGAGPT_TEST_LOCK", "/tmp/megagpt-distributed-tests.lock")
+DEFAULT_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+        result = fn(*args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    for p in procs:
+        p.join(timeout_s)
+    while not queue.empty():
+        rank, status, payload = queue.get()
+        (results if status == "ok" else errors)[rank] = payload
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    if errors:
+        first = min(errors)
+        raise RuntimeError(f"rank {first} of {world_size} failed:\n{errors[first]}")
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        raise RuntimeError(f"ranks {missing} of {world_size} produced no result (hang, crash or timeout "
+                           f"after {timeout_s}s)")
+    return [results[r] for r in range(world_size)]
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the per-rank results."""
+    with open(LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(3):
+            try:
+                return _run_once(fn, world_size, args, timeout_s)
+            except RuntimeError as exc:  # a port taken between probing and binding: retry on a new one
+                if "address already in use" not in str(exc).lower() or attempt == 2:
+                    raise
+    raise AssertionError("unreachable")
