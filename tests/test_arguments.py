@@ -1,0 +1,100 @@
+"""Config parsing, presets and validation messages (no processes)."""
+import pytest
+
+from megagpt.arguments import (PRESETS, Config, ConfigError, ModelConfig, num_parameters, padded_vocab_size,
+                               parse_args, validate)
+
+
+def _valid(**model) -> Config:
+    config = parse_args(["--mock-data", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+                         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8"])
+    for k, v in model.items():
+        setattr(config.model, k, v)
+    return config
+
+
+def test_megatron_flags_map_to_fields():
+    c = parse_args(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
+                    "--num-layers-per-virtual-pipeline-stage", "1", "--sequence-parallel", "--bf16",
+                    "--use-distributed-optimizer", "--lr", "3e-4", "--data-path", "0.3", "a", "0.7", "b",
+                    "--no-masked-softmax-fusion", "--recompute-activations", "--lr-decay-style", "linear"])
+    assert (c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size) == (2, 4)
+    assert c.parallel.num_layers_per_virtual_pipeline_stage == 1 and c.parallel.sequence_parallel
+    assert c.optim.bf16 and not c.optim.fp16 and c.optim.lr == 3e-4 and c.optim.lr_decay_style == "linear"
+    assert c.parallel.use_distributed_optimizer
+    assert c.data.data_path == ["0.3", "a", "0.7", "b"]
+    assert c.model.masked_softmax_fusion is False and c.model.recompute_granularity == "selective"
+
+
+def test_preset_then_explicit_flag_wins():
+    c = parse_args(["--model-size", "gpt2-355m", "--num-layers", "2"])
+    assert (c.model.num_layers, c.model.hidden_size, c.model.num_attention_heads) == (2, 1024, 16)
+
+
+def test_config_round_trips_through_dict():
+    c = parse_args(["--hidden-size", "96", "--fp16"])
+    assert Config.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("name,expected", [
+    # Published parameter counts (Hugging Face GPT-2 checkpoints, vocabulary 50257, 1024 positions).
+    ("gpt2-124m", 124_439_808), ("gpt2-355m", 354_823_168), ("gpt2-774m", 774_030_080),
+    ("gpt2-1.5b", 1_557_611_200)])
+def test_gpt2_preset_parameter_counts(name, expected):
+    assert num_parameters(ModelConfig(**PRESETS[name]), vocab_size=50257) == expected
+
+
+def test_megatron_8b_preset_is_8_3_billion():
+    # Megatron-LM paper: 72 layers, hidden 3072, 32 heads, vocabulary 51200 -> 8.3B parameters.
+    n = num_parameters(ModelConfig(**PRESETS["megatron-8.3b"]), vocab_size=51200)
+    assert 8.25e9 < n < 8.35e9
+
+
+def test_vocab_padding():
+    assert padded_vocab_size(50257, 128, 1) == 50304
+    assert padded_vocab_size(50257, 128, 2) == 50432
+    assert padded_vocab_size(512, 128, 4) == 512
+
+
+def test_valid_config_passes():
+    validate(_valid(), world_size=4)
+
+
+@pytest.mark.parametrize("world,tp,pp,model,message", [
+    (6, 4, 1, {}, "world size 6 is not divisible by tensor-model-parallel-size 4"),
+    (4, 4, 1, {"num_attention_heads": 6, "hidden_size": 66}, "num-attention-heads 6 is not divisible by "
+                                                            "tensor-model-parallel-size 4"),
+    (2, 1, 2, {"num_layers": 3}, "num-layers 3 is not divisible by pipeline-model-parallel-size 2"),
+    (1, 1, 1, {"hidden_size": 65}, "hidden-size 65 is not divisible by num-attention-heads 4"),
+    (1, 1, 1, {"seq_length": 64, "max_position_embeddings": 32}, "seq-length 64 exceeds max-position-embeddings 32"),
+])
+def test_bad_layouts_name_the_numbers(world, tp, pp, model, message):
+    c = _valid(**model)
+    c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size = tp, pp
+    with pytest.raises(ConfigError, match=message):
+        validate(c, world_size=world)
+
+
+def test_batch_and_interleaving_checks():
+    c = _valid()
+    c.train.global_batch_size = 6
+    with pytest.raises(ConfigError, match="global-batch-size 6 is not divisible by micro-batch-size 2 x "
+                                          "data-parallel size 2"):
+        validate(c, world_size=2)
+    c = _valid(num_layers=8)
+    c.parallel.pipeline_model_parallel_size, c.parallel.num_layers_per_virtual_pipeline_stage = 2, 3
+    with pytest.raises(ConfigError, match="num-layers 8 is not divisible by pipeline-model-parallel-size 2 x "
+                                          "num-layers-per-virtual-pipeline-stage 3"):
+        validate(c, world_size=2)
+    c = _valid(num_layers=8)
+    c.parallel.pipeline_model_parallel_size, c.parallel.num_layers_per_virtual_pipeline_stage = 4, 1
+    c.train.global_batch_size = 6  # 3 micro-batches, not a multiple of PP 4
+    with pytest.raises(ConfigError, match=r"micro-batches per step \(3\) to be a multiple of pipeline"):
+        validate(c, world_size=4)
+
+
+def test_missing_data_files_are_named(tmp_path):
+    c = _valid()
+    c.data.mock_data, c.data.data_path = False, [str(tmp_path / "nope_text_document")]
+    with pytest.raises(ConfigError, match="nope_text_document.bin does not exist"):
+        validate(c, world_size=1)

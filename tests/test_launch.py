@@ -1,0 +1,34 @@
+"""The launcher reads rank and world size from torchrun, SLURM and MPI environments."""
+from megagpt.parallel.launch import _first_slurm_host, detect_launch_env
+
+
+def test_torchrun_env():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "6000"}
+    e = detect_launch_env(env)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.launcher) == \
+        (3, 8, 1, "node7", 6000, "torchrun")
+
+
+def test_slurm_env_takes_master_from_nodelist():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODELIST": "gpu[003-005,009]"}
+    e = detect_launch_env(env)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 1, "gpu003", "slurm")
+
+
+def test_slurm_nodelist_forms():
+    assert _first_slurm_host("node12") == "node12"
+    assert _first_slurm_host("a[1-4],b7") == "a1"
+    assert _first_slurm_host("x[07,09]") == "x07"
+
+
+def test_openmpi_and_mpich_env():
+    e = detect_launch_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                           "OMPI_COMM_WORLD_LOCAL_RANK": "0", "MASTER_ADDR": "h0"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (2, 4, 0, "h0", "mpi")
+    e = detect_launch_env({"PMI_RANK": "1", "PMI_SIZE": "2"})
+    assert (e.rank, e.world_size, e.launcher) == (1, 2, "mpi")
+
+
+def test_no_launcher_is_single_process():
+    e = detect_launch_env({})
+    assert (e.rank, e.world_size, e.launcher) == (0, 1, "single")
