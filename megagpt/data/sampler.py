@@ -1,0 +1,99 @@
+"""Micro-batch sampler that splits each global window across DP ranks and resumes from consumed_samples.
+
+Megatron's rule (DESIGN.md "Batches"): within each window of ``micro * DP`` consecutive sample indices,
+DP rank r takes ``[r*micro, (r+1)*micro)``. Every layout therefore consumes exactly the samples of DP=1
+in the same order, and resuming only needs the number of samples consumed so far.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+
+class PretrainingSampler:
+    """Yields this DP rank's micro-batches (lists of sample indices), starting at ``consumed_samples``.
+
+    With ``drop_last=False`` a trailing partial window is split by the same rule; ranks whose part of
+    it is empty yield nothing for it.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        drop_last: bool = True,
+    ) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"total_samples must be positive, got {total_samples}")
+        if not 0 <= consumed_samples < total_samples:
+            raise ValueError(
+                f"consumed_samples must be in [0, total_samples={total_samples}), got {consumed_samples}"
+                " (the dataset is exhausted or the checkpoint belongs to other data)"
+            )
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if data_parallel_size <= 0:
+            raise ValueError(f"data_parallel_size must be positive, got {data_parallel_size}")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in [0, {data_parallel_size}), got {data_parallel_rank}")
+        self.total_samples = int(total_samples)
+        self.consumed_samples = int(consumed_samples)
+        self.micro_batch_size = int(micro_batch_size)
+        self.data_parallel_rank = int(data_parallel_rank)
+        self.data_parallel_size = int(data_parallel_size)
+        self.drop_last = drop_last
+        self.window = self.micro_batch_size * self.data_parallel_size
+
+    def _rank_slice(self, window_start: int, window_end: int) -> list[int]:
+        start = window_start + self.data_parallel_rank * self.micro_batch_size
+        end = min(start + self.micro_batch_size, window_end)
+        return list(range(start, end)) if start < end else []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        window_start = self.consumed_samples
+        while window_start + self.window <= self.total_samples:
+            yield self._rank_slice(window_start, window_start + self.window)
+            window_start += self.window
+        if not self.drop_last and window_start < self.total_samples:
+            batch = self._rank_slice(window_start, self.total_samples)
+            if batch:
+                yield batch
+
+    def __len__(self) -> int:
+        remaining = self.total_samples - self.consumed_samples
+        full = remaining // self.window
+        if self.drop_last:
+            return full
+        tail = remaining - full * self.window
+        return full + int(tail > self.data_parallel_rank * self.micro_batch_size)
+
+
+def _collate_text(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack ``{"text": int64 [s+1]}`` items into ``{"text": LongTensor [b, s+1]}``."""
+    return {"text": torch.from_numpy(np.stack([item["text"] for item in items]).astype(np.int64, copy=False))}
+
+
+def build_data_loader(
+    dataset: torch.utils.data.Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> torch.utils.data.DataLoader:
+    """DataLoader over this DP rank's micro-batches, resuming after ``consumed_samples`` samples."""
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate_text,
+        persistent_workers=num_workers > 0,
+    )
