@@ -1,0 +1,152 @@
+"""GPTModel: embeddings (first stage), this stage's transformer layers, final LN and tied LM head (last stage).
+
+Parameter names follow megatron-core (`embedding.word_embeddings.weight`, `decoder.layers.N....`) with N the
+global layer index, so a checkpoint's names do not depend on the pipeline layout.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from megagpt.arguments import ModelConfig, padded_vocab_size
+from megagpt.model.transformer import LayerNorm, TransformerLayer, seeded_normal_init
+from megagpt.parallel import mappings
+from megagpt.parallel import random as tp_random
+from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagpt.parallel.layers import VocabParallelEmbedding
+from megagpt.parallel.state import ParallelState
+
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int, num_chunks: int = 1, chunk: int = 0) -> range:
+    """Global layer indices of one model chunk: virtual stage `chunk * PP + pp_rank` of `PP * chunks` equal blocks."""
+    per_virtual_stage = num_layers // (pp_size * num_chunks)
+    virtual_stage = chunk * pp_size + pp_rank
+    return range(virtual_stage * per_virtual_stage, (virtual_stage + 1) * per_virtual_stage)
+
+
+class Embedding(nn.Module):
+    """Vocab-parallel word embedding + replicated learned positions, output `[s, b, h]` (or `[s/tp, b, h]` with SP)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, seed: int, padded_vocab: int, sequence_parallel: bool,
+                 tracker: tp_random.RNGStatesTracker, device, dtype) -> None:
+        super().__init__()
+        self.tp_group, self.sequence_parallel, self.tracker = ps.tp_group, sequence_parallel, tracker
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=dtype, device=device,
+            init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=device, dtype=dtype)
+        master = torch.empty(cfg.max_positions, cfg.hidden_size)
+        seeded_normal_init(seed, "embedding.position_embeddings.weight", cfg.init_method_std)(master)
+        with torch.no_grad():
+            self.position_embeddings.weight.copy_(master)
+        self.position_embeddings.weight.tensor_model_parallel = False
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.size(1), device=tokens.device)
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions)  # [b, s, h]
+        x = x.transpose(0, 1).contiguous()                                     # [s, b, h]
+        if not self.sequence_parallel:
+            return self.dropout(x)
+        x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)     # [s/tp, b, h]
+        with self.tracker.fork():
+            return self.dropout(x)
+
+
+class GPTModel(nn.Module):
+    """One model chunk of a pipeline stage. `pre_process`: owns the embedding; `post_process`: final LN + head + loss."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: range, *, seed: int,
+                 tracker: tp_random.RNGStatesTracker, pre_process: bool, post_process: bool,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is not set (it comes from the tokenizer)")
+        self.cfg, self.ps = cfg, ps
+        self.pre_process, self.post_process, self.sequence_parallel = pre_process, post_process, sequence_parallel
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ps.tp_size)
+        self.layer_ids = layer_ids
+        if pre_process:
+            self.embedding = Embedding(cfg, ps, seed, self.padded_vocab, sequence_parallel, tracker,
+                                       device, params_dtype)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, ps, i, seed, sequence_parallel, tracker, device, params_dtype)
+            for i in layer_ids})
+        if post_process:
+            self.decoder.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sequence_parallel,
+                                                     device, params_dtype)
+            if not pre_process:  # last stage of a pipeline: a copy of the tied embedding, kept equal by grad all-reduce
+                self.output_layer = VocabParallelEmbedding(
+                    self.padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=params_dtype, device=device,
+                    init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
+                self.output_layer.weight.is_embedding_copy = True
+        tied = ps.pp_size > 1
+        for weight in self.tied_embedding_weights():
+            weight.shared_embedding = tied
+
+    def tied_embedding_weights(self) -> list[nn.Parameter]:
+        """The word-embedding weight(s) held by this chunk: the original on the first stage, the copy on the last."""
+        weights = [self.embedding.word_embeddings.weight] if self.pre_process else []
+        if self.post_process and not self.pre_process:
+            weights.append(self.output_layer.weight)
+        return weights
+
+    def _lm_head_weight(self) -> torch.Tensor:
+        return self.embedding.word_embeddings.weight if self.pre_process else self.output_layer.weight
+
+    def forward(self, tokens: Optional[torch.Tensor] = None, input_tensor: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """First stage reads `tokens [b, s]`, later stages `input_tensor [s, b, h]`. The last stage returns the
+        per-token loss `[b, s]` when `labels` are given, else vocab-parallel logits `[s, b, v/tp]`; other stages
+        return the hidden states to send on."""
+        x = self.embedding(tokens) if self.pre_process else input_tensor    # [s, b, h] ([s/tp, b, h] with SP)
+        for layer in self.decoder.layers.values():
+            x = layer(x)
+        if not self.post_process:
+            return x
+        x = self.decoder.final_layernorm(x)
+        logits = self._logits(x)                                             # [s, b, v/tp]
+        if labels is None:
+            return logits
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.ps.tp_group)  # [s, b]
+        return loss.transpose(0, 1).contiguous()                             # [b, s]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, self.ps.tp_group, True)   # [s, b, h]
+        else:
+            x = mappings.copy_to_tp_region(x, self.ps.tp_group)                             # [s, b, h]
+        logits = torch.nn.functional.linear(x, self._lm_head_weight())                      # [s, b, v/tp]
+        return self._mask_vocab_padding(logits)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padding rows never win the softmax: logits of ids >= vocab_size are -inf, so every padded size (and
+        every TP size) gives the loss of the unpadded vocabulary (and Hugging Face's GPT-2 logits)."""
+        shard = logits.size(-1)
+        start = self.ps.tp_rank * shard
+        first_pad = self.cfg.vocab_size - start
+        if first_pad >= shard:
+            return logits
+        mask = torch.arange(shard, device=logits.device) >= max(first_pad, 0)
+        return logits.masked_fill(mask, float("-inf"))
+
+
+def build_model_chunks(cfg: ModelConfig, ps: ParallelState, *, seed: int, tracker: tp_random.RNGStatesTracker,
+                       num_chunks: int = 1, sequence_parallel: bool = False,
+                       params_dtype: torch.dtype = torch.float32,
+                       device: Optional[torch.device] = None) -> list[GPTModel]:
+    """This rank's model chunks (one, or several non-contiguous ones for the interleaved schedule)."""
+    chunks = []
+    for chunk in range(num_chunks):
+        layer_ids = stage_layer_ids(cfg.num_layers, ps.pp_size, ps.pp_rank, num_chunks, chunk)
+        first = ps.is_first_stage and chunk == 0
+        last = ps.is_last_stage and chunk == num_chunks - 1
+        chunks.append(GPTModel(cfg, ps, layer_ids, seed=seed, tracker=tracker, pre_process=first, post_process=last,
+                               sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device))
+    return chunks

@@ -1,0 +1,41 @@
+"""Helpers for model-equivalence tests: tiny configs, deterministic batches, gathering TP shards."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megagpt.arguments import ModelConfig
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """4 layers, h=64, 4 heads, vocab 500 (padded to 512 for TP 1, 2 and 4), dropout off."""
+    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=16, max_position_embeddings=16,
+                vocab_size=500, hidden_dropout=0.0, attention_dropout=0.0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def batch(seed: int, batch_size: int, seq_length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, vocab, (batch_size, seq_length + 1), generator=g)
+    return text[:, :-1].contiguous(), text[:, 1:].contiguous()
+
+
+def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
+    """The full tensor of a TP-split parameter (or the tensor itself when replicated)."""
+    if not getattr(param, "tensor_model_parallel", False) or dist.get_world_size(group) == 1:
+        return tensor.detach().clone()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def full_state(model: torch.nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:
+    """name -> full (TP-gathered) parameter or gradient."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p
+        if grads and t is None:
+            t = torch.zeros_like(p)
+        out[name] = gather_tp(t, p, group)
+    return out
