@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -38,7 +41,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel by value, not as shared-memory handles that die with this process.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -48,7 +52,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
 def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
@@ -56,12 +60,23 @@ def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> l
         p.start()
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    # Drain the queue while waiting: a child blocks in put() on a large result until the parent reads it.
+    while len(results) + len(errors) < world_size and time.monotonic() < deadline:
+        try:
+            rank, status, payload = queue.get(timeout=0.5)
+        except queue_module.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # a rank died without reporting (killed, segfault)
+            continue
+        if status == "ok":
+            results[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
+        if errors:
+            break  # other ranks may be blocked on the failed one
     for p in procs:
-        p.join(timeout_s)
-    while not queue.empty():
-        rank, status, payload = queue.get()
-        (results if status == "ok" else errors)[rank] = payload
-    for p in procs:
+        p.join(5 if not errors and len(results) == world_size else 0.5)
         if p.is_alive():
             p.kill()
     if errors:
@@ -69,8 +84,9 @@ def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> l
         raise RuntimeError(f"rank {first} of {world_size} failed:\n{errors[first]}")
     missing = [r for r in range(world_size) if r not in results]
     if missing:
-        raise RuntimeError(f"ranks {missing} of {world_size} produced no result (hang, crash or timeout "
-                           f"after {timeout_s}s)")
+        codes = {r: procs[r].exitcode for r in missing}
+        raise RuntimeError(f"ranks {missing} of {world_size} produced no result (exit codes {codes}; hang, crash "
+                           f"or timeout after {timeout_s}s)")
     return [results[r] for r in range(world_size)]
 
 

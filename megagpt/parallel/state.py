@@ -81,9 +81,12 @@ class ParallelLayout:
         return [sorted({g[0], g[-1]}) for g in self.pp_groups()]
 
 
-def _group_containing(rank: int, groups: list[list[int]]):
-    """Create every group (new_group is collective over the world) and return the one holding `rank`."""
-    mine = None
+def _group_containing(rank: int, groups: list[list[int]], required: bool = True):
+    """Create every group (new_group is collective over the world) and return the one holding `rank`.
+
+    Middle pipeline stages belong to no embedding group: they get (None, []) when `required` is False.
+    """
+    mine = (None, []) if not required else None
     for ranks in groups:
         group = dist.new_group(ranks)
         if rank in ranks:
@@ -108,7 +111,8 @@ class ParallelState:
         self.dp_group, self.dp_ranks = _group_containing(rank, self.layout.dp_groups())
         self.pp_group, self.pp_ranks = _group_containing(rank, self.layout.pp_groups())
         self.mp_group, self.mp_ranks = _group_containing(rank, self.layout.model_parallel_groups())
-        self.embedding_group, self.embedding_ranks = _group_containing(rank, self.layout.embedding_groups())
+        self.embedding_group, self.embedding_ranks = _group_containing(rank, self.layout.embedding_groups(),
+                                                                       required=False)
 
     @property
     def world_size(self) -> int:

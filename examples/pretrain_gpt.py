@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Pre-train a GPT with Megatron-LM flags: `torchrun --nproc-per-node N examples/pretrain_gpt.py --help`."""
+import sys
+
+import torch.distributed as dist
+
+from megagpt.arguments import ConfigError, parse_args
+from megagpt.training import pretrain
+
+
+def main() -> int:
+    config = parse_args()
+    try:
+        pretrain(config)
+    except ConfigError as exc:
+        print(f"megagpt: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

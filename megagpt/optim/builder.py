@@ -1,0 +1,75 @@
+"""The optimizer the training loop sees: grad reduction, (ZeRO) optimizer, loss scaling and the LR schedule as one.
+
+The loop calls `zero_grad()`, runs the pipeline schedule (backward hooks fill the grad buffer), then `step()`;
+it never learns whether grads are all-reduced or reduce-scattered, or which precision runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+from megagpt.arguments import Config
+from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
+from megagpt.optim.lr_schedule import LRScheduler
+from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megagpt.optim.zero import DistributedOptimizer
+from megagpt.parallel.state import ParallelState
+from megagpt.pipeline.schedules import Instr
+
+
+class TrainingOptimizer:
+    """Reducer + optimizer + scheduler for this rank's model chunks."""
+
+    def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState) -> None:
+        p, o, t = config.parallel, config.optim, config.train
+        self.ps = ps
+        named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+        self.params = [param for _, param in named]
+        self.reducer = DataParallelGradReducer(
+            self.params, ps, bucket_size=p.ddp_bucket_size, use_distributed_optimizer=p.use_distributed_optimizer,
+            overlap_grad_reduce=p.overlap_grad_reduce, zero_stage=p.zero_stage)
+        optimizer_cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
+        self.optimizer = optimizer_cls(self.params, ps, OptimizerConfig.from_object(o), reducer=self.reducer,
+                                       param_names={param: name for name, param in named})
+        self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
+                                     o.lr_decay_iters or t.train_iters, o.lr_decay_style)
+        self.num_microbatches = 1
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def on_instruction(self, instr: Instr) -> None:
+        """Overlapped reduction may start only during a chunk's last backward (Megatron's no_sync for the rest)."""
+        self.reducer.is_last_microbatch = instr.op == "backward" and instr.microbatch == self.num_microbatches - 1
+
+    def step(self) -> tuple[bool, Optional[float]]:
+        """Finish grads (SP and tied-embedding sums, DP reduction), update, advance the LR schedule."""
+        self.reducer.is_last_microbatch = True
+        finalize_model_grads(self.params, self.ps, self.reducer)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step()
+        return ok, grad_norm
+
+    @property
+    def loss_scale(self) -> float:
+        return self.optimizer.loss_scale
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.learning_rate
+
+    def memory_bytes(self) -> dict[str, int]:
+        return self.optimizer.memory_bytes()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_optimizer(config: Config, chunks: list[nn.Module], ps: ParallelState) -> TrainingOptimizer:
+    return TrainingOptimizer(config, chunks, ps)

@@ -1,0 +1,214 @@
+"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
+
+Init contract: every weight is built from ONE deterministic master tensor at full (unsharded) size, on CPU in
+fp32, filled in place by the caller's `init_method`; each rank then copies its own TP slice into its Parameter
+and the master is freed. Hence any TP size builds exactly the same model as TP=1, and peak extra memory is one
+full parameter. Biases start at zero.
+
+Sharded parameters carry `tensor_model_parallel=True`, `partition_dim` (0 column/vocab rows, 1 row-parallel
+input dim) and `partition_stride=1`; replicated ones `tensor_model_parallel=False`. The row-parallel bias under
+sequence parallelism also carries `sequence_parallel=True`: each rank only sees its slice of the sequence, so
+its gradient must be all-reduced over TP by the gradient-finalisation code.
+
+Activations are [s, b, h]; under sequence parallelism the tensors entering ColumnParallelLinear and leaving
+RowParallelLinear are [s/tp, b, h].
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megagpt.parallel.mappings import (
+    copy_to_tp_region,
+    divide,
+    gather_from_sequence_parallel_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tp_region,
+    tp_rank,
+    tp_world_size,
+)
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
+    """Smallest multiple of `divisible_by * tp_size` >= vocab_size, so every TP rank gets equal, aligned rows."""
+    if vocab_size < 1 or tp_size < 1 or divisible_by < 1:
+        raise ValueError(f"pad_vocab_size needs positive numbers, got vocab_size={vocab_size}, "
+                         f"tp_size={tp_size}, divisible_by={divisible_by}")
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, partition_dim: int = 0,
+                                         stride: int = 1) -> None:
+    """Tag a parameter with how it is split over TP (read by checkpointing, grad clipping and finalisation)."""
+    param.tensor_model_parallel = is_parallel
+    if is_parallel:
+        param.partition_dim = partition_dim
+        param.partition_stride = stride
+
+
+def _sharded_param(full_shape: tuple[int, ...], partition_dim: Optional[int], group, init_method: InitMethod,
+                   params_dtype: torch.dtype, device) -> nn.Parameter:
+    """Build the full fp32 master on CPU, fill it with `init_method`, keep this rank's slice along `partition_dim`.
+
+    `partition_dim=None` keeps the whole tensor (replicated parameter).
+    """
+    master = torch.empty(full_shape, dtype=torch.float32, device="cpu")
+    init_method(master)
+    if partition_dim is None:
+        shard = master
+    else:
+        size = divide(full_shape[partition_dim], tp_world_size(group), f"dim {partition_dim} of {full_shape}:")
+        shard = master.narrow(partition_dim, tp_rank(group) * size, size)
+    param = nn.Parameter(torch.empty(shard.shape, dtype=params_dtype, device=device))
+    with torch.no_grad():
+        param.copy_(shard)
+    del master, shard
+    set_tensor_model_parallel_attributes(param, partition_dim is not None, partition_dim or 0)
+    return param
+
+
+def _zero_bias(size: int, params_dtype: torch.dtype, device, is_parallel: bool) -> nn.Parameter:
+    bias = nn.Parameter(torch.zeros(size, dtype=params_dtype, device=device))
+    set_tensor_model_parallel_attributes(bias, is_parallel, 0)
+    return bias
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by rows (output features): rank r owns output columns [r*out/tp, (r+1)*out/tp).
+
+    Input path: f (copy_to_tp_region), or an all-gather along s under sequence parallelism. The output stays
+    split ([s, b, out/tp]) unless `gather_output`. With `skip_bias_add` the bias (this rank's shard) is returned
+    instead of added, so the caller can fuse it. `skip_weight_param_allocation` lets a tied weight (e.g. the
+    word embedding used as LM head) be passed to forward instead.
+    """
+
+    def __init__(self, input_size: int, output_size: int, group, *, init_method: InitMethod, bias: bool = True,
+                 gather_output: bool = False, skip_bias_add: bool = False, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None,
+                 skip_weight_param_allocation: bool = False) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.group = input_size, output_size, group
+        self.tp_size = tp_world_size(group)
+        self.output_size_per_partition = divide(output_size, self.tp_size, "ColumnParallelLinear output_size")
+        self.gather_output, self.skip_bias_add, self.sequence_parallel = gather_output, skip_bias_add, sequence_parallel
+        if skip_weight_param_allocation:
+            self.weight = None
+        else:
+            self.weight = _sharded_param((output_size, input_size), 0, group, init_method, params_dtype, device)
+        self.bias = _zero_bias(self.output_size_per_partition, params_dtype, device, True) if bias else None
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: [s, b, in] ([s/tp, b, in] under sequence parallel) -> ([s, b, out/tp] or [s, b, out], bias or None)."""
+        if weight is None:
+            if self.weight is None:
+                raise ValueError("ColumnParallelLinear was built with skip_weight_param_allocation: pass weight=")
+            weight = self.weight
+        expected = (self.output_size_per_partition, self.input_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != expected per-rank {expected}")
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.group)  # [s/tp, b, in] -> [s, b, in]
+        else:
+            x = copy_to_tp_region(x, self.group)  # [s, b, in]
+        bias = None if self.skip_bias_add else self.bias
+        out = F.linear(x, weight, bias)  # [s, b, out/tp]
+        if self.gather_output:
+            out = gather_from_tp_region(out, self.group)  # [s, b, out]
+        return out, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size} (tp={self.tp_size}: "
+                f"out/tp={self.output_size_per_partition}), bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by columns (input features): rank r owns inputs [r*in/tp, (r+1)*in/tp).
+
+    Each rank computes a partial sum of the full output; g (all-reduce) completes it, or a reduce-scatter along
+    s under sequence parallelism. The (replicated) bias is added after the reduction, or returned when
+    `skip_bias_add`.
+    """
+
+    def __init__(self, input_size: int, output_size: int, group, *, init_method: InitMethod, bias: bool = True,
+                 input_is_parallel: bool = True, skip_bias_add: bool = False, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear with sequence_parallel needs input_is_parallel=True")
+        self.input_size, self.output_size, self.group = input_size, output_size, group
+        self.tp_size = tp_world_size(group)
+        self.input_size_per_partition = divide(input_size, self.tp_size, "RowParallelLinear input_size")
+        self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        self.weight = _sharded_param((output_size, input_size), 1, group, init_method, params_dtype, device)
+        if bias:
+            self.bias = _zero_bias(output_size, params_dtype, device, False)
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: [s, b, in/tp] ([s, b, in] if not input_is_parallel) -> ([s, b, out] or [s/tp, b, out], bias or None)."""
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.group)  # [s, b, in] -> [s, b, in/tp]
+        partial = F.linear(x, self.weight)  # [s, b, out], partial sum over this rank's inputs
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(partial, self.group)  # [s/tp, b, out]
+        else:
+            out = reduce_from_tp_region(partial, self.group)  # [s, b, out]
+        if self.skip_bias_add:
+            return out, self.bias
+        if self.bias is not None:
+            out = out + self.bias
+        return out, None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size} (tp={self.tp_size}: "
+                f"in/tp={self.input_size_per_partition}), bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; rank r owns ids [r*V/tp, (r+1)*V/tp).
+
+    Each rank looks up the ids it owns, writes zeros for the others, and g (all-reduce) sums the partial
+    results, so every rank ends with the full embedding of every id.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group, *, init_method: InitMethod,
+                 params_dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        self.tp_size = tp_world_size(group)
+        if num_embeddings % self.tp_size != 0:
+            raise ValueError(f"VocabParallelEmbedding: num_embeddings {num_embeddings} is not divisible by the "
+                             f"tensor-parallel size {self.tp_size}; pad it with pad_vocab_size() first")
+        self.num_embeddings_per_partition = num_embeddings // self.tp_size
+        self.vocab_start_index = tp_rank(group) * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.weight = _sharded_param((num_embeddings, embedding_dim), 0, group, init_method, params_dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [b, s] global vocabulary ids -> [b, s, h]."""
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)  # [b, s, h]
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)  # [b, s]
+        local_ids = (ids - self.vocab_start_index).masked_fill(outside, 0)  # [b, s]
+        partial = F.embedding(local_ids, self.weight)  # [b, s, h]
+        partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h], zero rows this rank does not own
+        return reduce_from_tp_region(partial, self.group)  # [b, s, h]
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim} (tp={self.tp_size}: "
+                f"vocab/tp={self.num_embeddings_per_partition}, rows [{self.vocab_start_index}, "
+                f"{self.vocab_end_index}))")

@@ -1,0 +1,154 @@
+"""Run a pipeline schedule on real tensors: the forward/backward passes of one training or evaluation step.
+
+The executor knows no model. The caller supplies ``forward_step(chunk, microbatch, input_tensor)`` that runs
+its model chunk on one micro-batch; the executor picks the schedule (no pipelining when PP == 1, 1F1B, or
+interleaved 1F1B when there are several chunks), moves tensors between stages with `p2p.exchange`, and runs
+backward. The caller does not know which schedule ran: gradients accumulate into the parameters the same way.
+
+Tensors live in four places, keyed by (micro-batch, chunk), and each is dropped as soon as it is used, so
+the memory held is what the schedule allows (at most PP - rank micro-batches in flight for 1F1B):
+received inputs waiting for their forward, received output gradients waiting for their backward, outputs
+and input gradients waiting for their send, and (input, output) pairs kept for backward. The output of a
+stage is held until its backward (Megatron's trick of freeing its storage after the send, which needs a
+private autograd entry point, is not used).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megagpt.parallel import comm
+from megagpt.parallel.state import ParallelState
+from megagpt.pipeline.p2p import exchange
+from megagpt.pipeline.schedules import Instr, build_schedule, group_steps
+
+ForwardStep = Callable[[int, int, Optional[torch.Tensor]], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+class _Run:
+    """State of one forward_backward call on one rank."""
+
+    def __init__(self, forward_step: ForwardStep, ps: ParallelState, num_chunks: int, forward_only: bool) -> None:
+        self.forward_step = forward_step
+        self.ps = ps
+        self.num_chunks = num_chunks
+        self.forward_only = forward_only
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}        # received, awaiting forward
+        self.output_grads: dict[tuple[int, int], torch.Tensor] = {}  # received, awaiting backward
+        self.outgoing: dict[Instr, torch.Tensor] = {}                # computed, awaiting send
+        self.saved: dict[tuple[int, int], tuple] = {}                # (input, output) awaiting backward
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def first_virtual(self, chunk: int) -> bool:
+        return self.ps.is_first_stage and chunk == 0
+
+    def last_virtual(self, chunk: int) -> bool:
+        return self.ps.is_last_stage and chunk == self.num_chunks - 1
+
+    def forward(self, ins: Instr) -> None:
+        key = (ins.microbatch, ins.chunk)
+        inp = None if self.first_virtual(ins.chunk) else self.inputs.pop(key)
+        if inp is not None and not self.forward_only:
+            inp.requires_grad_(True)   # its .grad is what goes back to the previous stage
+        with torch.no_grad() if self.forward_only else contextlib.nullcontext():
+            output, loss = self.forward_step(ins.chunk, ins.microbatch, inp)
+        if self.last_virtual(ins.chunk):
+            if loss is None:
+                raise ValueError(f"forward_step returned no loss on the last virtual stage (micro-batch "
+                                 f"{ins.microbatch}, chunk {ins.chunk})")
+            self.losses[ins.microbatch] = loss.detach()
+        else:
+            self.outgoing[Instr("send_forward", ins.microbatch, ins.chunk)] = output
+        if not self.forward_only:
+            self.saved[key] = (inp, output)
+
+    def backward(self, ins: Instr) -> None:
+        key = (ins.microbatch, ins.chunk)
+        inp, output = self.saved.pop(key)
+        grad = None if self.last_virtual(ins.chunk) else self.output_grads.pop(key)
+        torch.autograd.backward(output, grad_tensors=grad)
+        if not self.first_virtual(ins.chunk):
+            # An input the chunk did not use has no gradient; the neighbour still waits for a message.
+            self.outgoing[Instr("send_backward", ins.microbatch, ins.chunk)] = (
+                inp.grad if inp.grad is not None else torch.zeros_like(inp))
+
+    def communicate(self, batch: tuple, tensor_shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device) -> None:
+        sends = {ins: self.outgoing.pop(ins) for ins in batch if ins.op.startswith("send")}
+        received = exchange(batch, sends, self.ps, tensor_shape, dtype, device)
+        for ins, tensor in received.items():
+            store = self.inputs if ins.op == "recv_forward" else self.output_grads
+            store[(ins.microbatch, ins.chunk)] = tensor
+
+    def check_drained(self) -> None:
+        left = {name: list(d) for name, d in (("inputs", self.inputs), ("output grads", self.output_grads),
+                                               ("outgoing", self.outgoing), ("saved", self.saved)) if d}
+        if left:
+            raise RuntimeError(f"pipeline schedule left tensors behind on rank {self.ps.rank}: {left}")
+
+
+def forward_backward(
+    forward_step: ForwardStep,
+    num_microbatches: int,
+    ps: ParallelState,
+    tensor_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    num_chunks: int = 1,
+    forward_only: bool = False,
+    on_instruction: Optional[Callable[[Instr], None]] = None,
+) -> list[torch.Tensor]:
+    """Forward (and unless `forward_only`, backward) every micro-batch through this rank's pipeline stage.
+
+    forward_step(chunk, microbatch, input_tensor) -> (output, loss): `input_tensor` is None on the first
+    virtual stage, else the received activation (requires_grad set here). On a non-last virtual stage
+    `output` is the activation to send (shape `tensor_shape`, `dtype`) and `loss` None; on the last one
+    `output` is the scalar to backpropagate (already divided by num_microbatches and loss-scaled) and
+    `loss` the detached unscaled loss for reporting. Gradients accumulate into the parameters.
+    `on_instruction(instr)` is called before each instruction runs (instrumentation for tests/benchmarks).
+
+    Returns the per-micro-batch reporting losses, in micro-batch order, on the last stage; [] elsewhere.
+    """
+    schedule = build_schedule(num_microbatches, ps.pp_size, ps.pp_rank, num_chunks, forward_only)
+    run = _Run(forward_step, ps, num_chunks, forward_only)
+    for step in group_steps(schedule):
+        if isinstance(step, Instr):
+            if on_instruction is not None:
+                on_instruction(step)
+            if step.op == "forward":
+                run.forward(step)
+            else:
+                run.backward(step)
+            continue
+        if on_instruction is not None:
+            for ins in step:
+                on_instruction(ins)
+        run.communicate(step, tensor_shape, dtype, device)
+    run.check_drained()
+    return [run.losses[mb] for mb in sorted(run.losses)]
+
+
+def broadcast_losses(losses: list[torch.Tensor], ps: ParallelState,
+                     device: Optional[torch.device] = None) -> float:
+    """Mean of the last stage's micro-batch losses, sent to every rank of the pipeline (for logging).
+
+    Averaging over data-parallel replicas is the caller's business. `device` defaults to the losses'
+    device, or on ranks without losses the current CUDA device under NCCL and the CPU otherwise.
+    """
+    if device is None:
+        if losses:
+            device = losses[0].device
+        elif dist.get_backend(ps.pp_group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+    mean = torch.zeros(1, dtype=torch.float64, device=device)
+    if ps.is_last_stage:
+        if not losses:
+            raise ValueError("broadcast_losses: the last pipeline stage has no losses to report")
+        mean[0] = torch.stack([loss.detach().to(device, torch.float64).reshape(()) for loss in losses]).mean()
+    comm.broadcast(mean, src=ps.last_stage_rank, group=ps.pp_group)
+    return float(mean.item())

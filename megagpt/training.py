@@ -1,0 +1,263 @@
+"""pretrain(): set-up, the training loop, evaluation, log lines and TensorBoard.
+
+The loop does not know which pipeline schedule runs, whether the optimizer is ZeRO-sharded, or which precision is
+used: it hands a `forward_step` closure to `pipeline.schedules.forward_backward` and calls `optimizer.step()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megagpt.arguments import Config, ConfigError, data_prefixes, num_microbatches, validate
+from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
+from megagpt.data.indexed_dataset import IndexedDataset
+from megagpt.data.sampler import build_data_loader
+from megagpt.data.tokenizer import build_tokenizer
+from megagpt.model.gpt import GPTModel, build_model_chunks
+from megagpt.optim.builder import TrainingOptimizer, build_optimizer
+from megagpt.parallel import comm
+from megagpt.parallel import random as tp_random
+from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
+from megagpt.parallel.state import ParallelState
+from megagpt.pipeline.executor import broadcast_losses, forward_backward
+from megagpt.train_log import (IterationStats, TensorBoardLog, format_log_line, format_validation_line,
+                               model_flops_per_iteration)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced, for callers and tests: per-iteration losses (identical on every rank)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[Optional[float]] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def _params_dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if config.optim.bf16 else torch.float16 if config.optim.fp16 else torch.float32
+
+
+def resolve_vocab(config: Config) -> None:
+    """Set model.vocab_size from the tokenizer and check the dataset's tokens fit it, before any allocation."""
+    d = config.data
+    if config.model.vocab_size is None or not d.mock_data:
+        tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+        if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(f"--vocab-size {config.model.vocab_size} differs from tokenizer {d.tokenizer_type}'s "
+                              f"vocabulary of {tokenizer.vocab_size}")
+        config.model.vocab_size = tokenizer.vocab_size
+    if d.mock_data:
+        return
+    for prefix in data_prefixes(d.data_path):
+        ds = IndexedDataset(prefix)
+        head = [np.asarray(ds[i]) for i in range(min(len(ds), 256))]
+        highest = max([int(a.max()) for a in head if a.size], default=0)
+        if highest >= config.model.vocab_size:
+            raise ConfigError(f"dataset {prefix} holds token id {highest} but tokenizer {d.tokenizer_type} has only "
+                              f"{config.model.vocab_size} ids: it was preprocessed with another tokenizer")
+
+
+class MicroBatches:
+    """Pulls one step's micro-batches from a loader and slices them into (tokens, labels)."""
+
+    def __init__(self, loader, device: torch.device) -> None:
+        self.iterator: Iterator = iter(loader)
+        self.device = device
+
+    def next_step(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = []
+        for _ in range(count):
+            text = next(self.iterator)["text"].to(self.device, non_blocking=True)   # [b, s+1]
+            batches.append((text[:, :-1].contiguous(), text[:, 1:].contiguous()))  # [b, s], [b, s]
+        return batches
+
+
+def build_datasets(config: Config, launch: LaunchEnv):
+    t, m, d = config.train, config.model, config.data
+    eval_rounds = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
+    samples = (t.train_iters * t.global_batch_size, eval_rounds * t.global_batch_size, t.eval_iters * t.global_batch_size)
+    if d.mock_data:
+        return tuple(MockGPTDataset(n, m.seq_length, m.vocab_size, config.train.seed + i) if n else None
+                     for i, n in enumerate(samples))
+    return build_train_valid_test_datasets(d.data_path, d.split, samples, m.seq_length, t.seed,
+                                           cache_dir=d.data_cache_path, is_builder=launch.local_rank == 0)
+
+
+class Trainer:
+    """Holds the model chunks, optimizer and data of one rank; `train_step` and `evaluate` run one round."""
+
+    def __init__(self, config: Config, ps: ParallelState, device: torch.device, launch: LaunchEnv) -> None:
+        self.config, self.ps, self.device = config, ps, device
+        p = config.parallel
+        self.num_chunks = 1
+        if p.num_layers_per_virtual_pipeline_stage:
+            self.num_chunks = config.model.num_layers // (ps.pp_size * p.num_layers_per_virtual_pipeline_stage)
+        self.tracker = tp_random.model_parallel_seed(config.train.seed, ps.tp_rank, ps.pp_rank, device)
+        self.chunks: list[GPTModel] = build_model_chunks(
+            config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=self.num_chunks,
+            sequence_parallel=p.sequence_parallel, params_dtype=_params_dtype(config), device=device)
+        self.optimizer: TrainingOptimizer = build_optimizer(config, self.chunks, ps)
+        self.num_microbatches = num_microbatches(config, ps.dp_size)
+        self.optimizer.num_microbatches = self.num_microbatches
+        self.consumed_samples = 0
+        self.train_data = self.valid_data = None
+        self.datasets = build_datasets(config, launch)
+
+    def attach_data(self) -> None:
+        """Loaders positioned at consumed_samples (after a resume), only on stages that read tokens or labels."""
+        if not (self.ps.is_first_stage or self.ps.is_last_stage):
+            return
+        t = self.config.train
+        train, valid, _ = self.datasets
+        make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
+            ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, self.config.data.num_workers),
+            self.device)
+        self.train_data = make(train, self.consumed_samples)
+        self.valid_data = make(valid, 0) if valid is not None else None
+
+    @property
+    def activation_shape(self) -> tuple[int, int, int]:
+        s = self.config.model.seq_length
+        if self.config.parallel.sequence_parallel:
+            s //= self.ps.tp_size
+        return (s, self.config.train.micro_batch_size, self.config.model.hidden_size)
+
+    def _run_schedule(self, data: Optional[MicroBatches], forward_only: bool) -> float:
+        batches = data.next_step(self.num_microbatches) if data is not None else []
+        scale = 1.0 if forward_only else self.optimizer.loss_scale
+
+        def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
+            model = self.chunks[chunk]
+            tokens, labels = batches[microbatch] if batches else (None, None)
+            out = model(tokens=tokens if model.pre_process else None, input_tensor=input_tensor,
+                        labels=labels if model.post_process else None)
+            if not model.post_process:
+                return out, None
+            loss = out.float().mean()                    # token mean of this micro-batch
+            return loss * (scale / self.num_microbatches), loss.detach()
+
+        losses = forward_backward(forward_step, self.num_microbatches, self.ps, self.activation_shape,
+                                  _params_dtype(self.config), self.device, num_chunks=self.num_chunks,
+                                  forward_only=forward_only,
+                                  on_instruction=None if forward_only else self.optimizer.on_instruction)
+        loss = broadcast_losses(losses, self.ps, self.device)
+        mean = torch.tensor([loss], dtype=torch.float64, device=self.device)
+        comm.all_reduce(mean, self.ps.dp_group)           # mean over DP ranks (each already a micro-batch mean)
+        return float(mean.item()) / self.ps.dp_size
+
+    def train_step(self) -> tuple[float, bool, Optional[float]]:
+        for model in self.chunks:
+            model.train()
+        self.optimizer.zero_grad()
+        loss = self._run_schedule(self.train_data, forward_only=False)
+        ok, grad_norm = self.optimizer.step()
+        self.consumed_samples += self.config.train.global_batch_size
+        return loss, ok, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for model in self.chunks:
+            model.eval()
+        losses = [self._run_schedule(self.valid_data, forward_only=True) for _ in range(self.config.train.eval_iters)]
+        return float(np.mean(losses))
+
+
+def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
+    """The resolved config (rank 0) and, per rank, parameter count and bytes of params, grads and optimizer state."""
+    if ps.rank == 0:
+        print(f"megagpt: world {ps.world_size} = TP {ps.tp_size} x PP {ps.pp_size} x DP {ps.dp_size}; "
+              f"{trainer.num_microbatches} micro-batches per step; config:\n{config.to_json()}", flush=True)
+    n = sum(p.numel() for m in trainer.chunks for p in m.parameters())
+    mem = trainer.optimizer.memory_bytes()
+    line = (f" > rank {ps.rank} (tp {ps.tp_rank}, pp {ps.pp_rank}, dp {ps.dp_rank}): {n:,} parameters | "
+            + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+    for r in range(ps.world_size):  # ordered output
+        if r == ps.rank:
+            print(line, flush=True)
+        dist.barrier()
+
+
+def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
+    """Validate, join the process group, build groups, model, optimizer and data for this rank."""
+    launch = detect_launch_env()
+    resolve_vocab(config)
+    validate(config, launch.world_size)  # clear errors before any process group or allocation
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    launch, device = init_distributed(config.parallel.distributed_backend)
+    p = config.parallel
+    vp = None
+    if p.num_layers_per_virtual_pipeline_stage:
+        vp = config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+    ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vp)
+    trainer = Trainer(config, ps, device, launch)
+    trainer.attach_data()
+    if log:
+        print_startup(config, trainer, ps)
+    return trainer, ps
+
+
+def pretrain(config: Config, log: bool = True) -> TrainResult:
+    """Train per `config` under the launcher's environment; returns the per-iteration losses."""
+    trainer, ps = setup(config, log)
+    return train_loop(config, trainer, ps, log)
+
+
+def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = True) -> TrainResult:
+    t = config.train
+    is_logger = log and ps.rank == ps.world_size - 1  # the last rank holds the loss (Megatron prints there)
+    board = TensorBoardLog(t.tensorboard_dir if is_logger else None)
+    flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab)
+    result = TrainResult()
+    window_start, window_losses, window_iters = time.perf_counter(), [], 0
+    for iteration in range(1, t.train_iters + 1):
+        loss, ok, grad_norm = trainer.train_step()
+        result.losses.append(loss)
+        result.grad_norms.append(grad_norm)
+        result.skipped_iterations += 0 if ok else 1
+        window_losses.append(loss)
+        window_iters += 1
+        if iteration % t.log_interval == 0 or iteration == t.train_iters:
+            elapsed = (time.perf_counter() - window_start) / window_iters
+            stats = IterationStats(
+                iteration=iteration, train_iters=t.train_iters, consumed_samples=trainer.consumed_samples,
+                elapsed_ms=elapsed * 1000.0, tflops_per_gpu=flops / elapsed / ps.world_size / 1e12,
+                tokens_per_second=t.global_batch_size * config.model.seq_length / elapsed,
+                learning_rate=trainer.optimizer.learning_rate, global_batch_size=t.global_batch_size,
+                lm_loss=float(np.mean(window_losses)), loss_scale=trainer.optimizer.loss_scale,
+                grad_norm=grad_norm, skipped_iterations=result.skipped_iterations,
+                nan_iterations=sum(1 for x in window_losses if not np.isfinite(x)))
+            if is_logger:
+                print(format_log_line(stats), flush=True)
+            board.iteration(stats)
+            window_start, window_losses, window_iters = time.perf_counter(), [], 0
+        if trainer.datasets[1] is not None and t.eval_interval and iteration % t.eval_interval == 0:
+            val = trainer.evaluate()  # every rank joins: middle stages run the schedule without data
+            result.validation_losses.append(val)
+            if is_logger:
+                print(format_validation_line(iteration, val), flush=True)
+            board.validation(iteration, val)
+            window_start = time.perf_counter()
+    result.consumed_samples = trainer.consumed_samples
+    board.close()
+    return result
+
+
+def config_for_test(**overrides) -> Config:
+    """A small Config for tests and demos: keyword names are field names of any section."""
+    config = Config()
+    sections = [config.model, config.parallel, config.optim, config.train, config.data]
+    for key, value in overrides.items():
+        owner = next((s for s in sections if key in {f.name for f in dataclasses.fields(s)}), None)
+        if owner is None:
+            raise KeyError(f"unknown config field {key}")
+        setattr(owner, key, value)
+    return config

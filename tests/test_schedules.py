@@ -1,0 +1,294 @@
+"""Pipeline schedules without processes: every stage simulated together.
+
+The simulator below is the reference for the instruction semantics of megagpt/pipeline/schedules.py, under the
+strictest transport: a send completes only when the receiver has posted the matching receive (rendezvous, as
+NCCL and large gloo messages behave), each batch (run of adjacent communication instructions) waits for all of
+its operations, and messages pair first-in-first-out per (sender, receiver) direction. A schedule passes only if
+this machine runs to the end, and every pairing joins the same (kind, micro-batch, virtual stage).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+
+from megagpt.pipeline.schedules import (Instr, build_schedule, group_steps, interleaved_warmup,
+                                        schedule_1f1b, schedule_interleaved, schedule_no_pipelining,
+                                        validate_pipeline_config)
+
+
+class Deadlock(AssertionError):
+    pass
+
+
+def _message(ins: Instr, rank: int, p: int) -> tuple[int, int, str, tuple]:
+    """(src, dst, send|recv, identity) of a communication instruction on `rank`; identity names the sender."""
+    vs = ins.chunk * p + rank
+    if ins.op == "send_forward":
+        return rank, (rank + 1) % p, "send", ("act", ins.microbatch, vs)
+    if ins.op == "recv_forward":
+        return (rank - 1) % p, rank, "recv", ("act", ins.microbatch, vs - 1)
+    if ins.op == "send_backward":
+        return rank, (rank - 1) % p, "send", ("grad", ins.microbatch, vs)
+    assert ins.op == "recv_backward"
+    return (rank + 1) % p, rank, "recv", ("grad", ins.microbatch, vs + 1)
+
+
+def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0) -> dict:
+    """Run all stages under rendezvous semantics; return makespan, busy time and compute events per stage.
+
+    t_fwd / t_bwd: compute time of one forward / backward, a number or a list with one per stage.
+    """
+    p = len(schedules)
+    t_fwd = t_fwd if isinstance(t_fwd, list) else [t_fwd] * p
+    t_bwd = t_bwd if isinstance(t_bwd, list) else [t_bwd] * p
+    steps = [group_steps(s) for s in schedules]
+    # Number every op in its direction: the n-th send on (src, dst) meets the n-th receive on (src, dst).
+    keyed: list[list] = []
+    for r, st in enumerate(steps):
+        seq: Counter = Counter()
+        rows = []
+        for step in st:
+            if isinstance(step, Instr):
+                rows.append(step)
+                continue
+            ops = []
+            for ins in step:
+                src, dst, kind, ident = _message(ins, r, p)
+                ops.append(((src, dst, seq[(src, dst, kind)], kind), ident))
+                seq[(src, dst, kind)] += 1
+            rows.append(ops)
+        keyed.append(rows)
+    pos, clock = [0] * p, [0.0] * p
+    posted: dict[tuple, tuple] = {}          # op key -> (identity, post time)
+    matched: dict[tuple, float] = {}         # op key -> match time
+    busy = [0.0] * p
+    events: list[list[tuple]] = [[] for _ in range(p)]
+    while any(pos[r] < len(keyed[r]) for r in range(p)):
+        progress = False
+        for r in range(p):
+            while pos[r] < len(keyed[r]):
+                step = keyed[r][pos[r]]
+                if isinstance(step, Instr):
+                    dur = t_fwd[r] if step.op == "forward" else t_bwd[r]
+                    events[r].append((step.op, step.microbatch, step.chunk, clock[r], clock[r] + dur))
+                    clock[r] += dur
+                    busy[r] += dur
+                    pos[r] += 1
+                    progress = True
+                    continue
+                for key, ident in step:
+                    if key not in posted and key not in matched:
+                        posted[key] = (ident, clock[r])
+                        progress = True
+                for key, ident in step:
+                    if key in matched:
+                        continue
+                    other = key[:3] + ("recv" if key[3] == "send" else "send",)
+                    if other in posted:
+                        other_ident, other_t = posted.pop(other)
+                        _, t = posted.pop(key)
+                        if other_ident != ident:
+                            raise AssertionError(f"channel {key[:2]} message #{key[2]}: {key[3]} of {ident} "
+                                                 f"meets {other_ident}")
+                        matched[key] = matched[other] = max(t, other_t)
+                        progress = True
+                if all(key in matched for key, _ in step):
+                    clock[r] = max([clock[r]] + [matched[key] for key, _ in step])
+                    pos[r] += 1
+                    progress = True
+                    continue
+                break
+        if not progress:
+            stuck = {r: keyed[r][pos[r]] for r in range(p) if pos[r] < len(keyed[r])}
+            raise Deadlock(f"deadlock; stages wait in {stuck}")
+    assert not posted, f"unmatched operations at the end: {posted}"
+    return {"makespan": max(clock), "busy": busy, "events": events}
+
+
+def peak_in_flight(instrs: list[Instr]) -> int:
+    live, peak = 0, 0
+    for ins in instrs:
+        live += {"forward": 1, "backward": -1}.get(ins.op, 0)
+        peak = max(peak, live)
+    return peak
+
+
+def check_each_once(instrs: list[Instr], m: int, v: int, forward_only: bool = False) -> None:
+    """Every (mb, chunk) forwards once, backwards once, after its forward; comms surround the right compute."""
+    fwd = [(i.microbatch, i.chunk) for i in instrs if i.op == "forward"]
+    bwd = [(i.microbatch, i.chunk) for i in instrs if i.op == "backward"]
+    every = sorted(itertools.product(range(m), range(v)))
+    assert sorted(fwd) == every
+    assert sorted(bwd) == ([] if forward_only else every)
+    seen_fwd = set()
+    for ins in instrs:
+        if ins.op == "forward":
+            seen_fwd.add((ins.microbatch, ins.chunk))
+        elif ins.op in ("backward", "send_forward"):
+            assert (ins.microbatch, ins.chunk) in seen_fwd, f"{ins} before its forward"
+
+
+CONFIGS_1F1B = [(m, p) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 5, 8, 16)]
+CONFIGS_INTERLEAVED = [(k * p, p, v) for p in (2, 3, 4, 8) for v in (2, 3, 4) for k in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("m,p", CONFIGS_1F1B)
+def test_1f1b_schedule(m, p):
+    scheds = [build_schedule(m, p, r) for r in range(p)]
+    for r, s in enumerate(scheds):
+        check_each_once(s, m, 1)
+        assert peak_in_flight(s) == min(p - r, m) <= p - r
+        # Warm-up: p - r - 1 forwards before the first backward.
+        first_b = next(i for i, ins in enumerate(s) if ins.op == "backward")
+        assert sum(ins.op == "forward" for ins in s[:first_b]) == min(p - r, m)
+    sim = simulate(scheds, t_fwd=1.0, t_bwd=2.0)
+    # Ideal pipeline: m (tf + tb) of work plus a (p - 1)(tf + tb) bubble.
+    assert sim["makespan"] == pytest.approx((m + p - 1) * 3.0)
+
+
+@pytest.mark.parametrize("m,p,v", CONFIGS_INTERLEAVED)
+def test_interleaved_schedule(m, p, v):
+    scheds = [schedule_interleaved(m, p, r, v) for r in range(p)]
+    for r, s in enumerate(scheds):
+        check_each_once(s, m, v)
+        warm = interleaved_warmup(m, p, r, v)
+        assert peak_in_flight(s) == min(warm + 1, m * v)
+        if m > p:   # the 1F1B regime: chunk-activations of at most p + 2(p - r - 1)/v full-stage micro-batches
+            assert peak_in_flight(s) <= v * p + 2 * (p - r - 1) + 1
+        # Each chunk sees micro-batches in order, forward and backward.
+        for op in ("forward", "backward"):
+            for c in range(v):
+                mbs = [i.microbatch for i in s if i.op == op and i.chunk == c]
+                assert mbs == sorted(mbs)
+    sim = simulate(scheds, t_fwd=1.0 / v, t_bwd=2.0 / v)
+    # Chunks take 1/v of a stage's time, the bubble shrinks to (p - 1)(tf + tb) / v. (m == p runs all
+    # forwards first, as Megatron does, and reaches the same.)
+    assert sim["makespan"] == pytest.approx(m * 3.0 + (p - 1) * 3.0 / v)
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+@pytest.mark.parametrize("m,p,v", [(4, 1, 1), (8, 4, 1), (5, 3, 1), (8, 2, 2), (8, 4, 3), (2, 2, 4)])
+def test_any_schedule_runs_without_deadlock(m, p, v, forward_only):
+    scheds = [build_schedule(m, p, r, v, forward_only=forward_only) for r in range(p)]
+    for s in scheds:
+        check_each_once(s, m, v, forward_only)
+        if forward_only:
+            assert peak_in_flight(s) == m * v   # no backward: the executor keeps nothing (checked on gloo)
+    simulate(scheds)
+
+
+def _receive_just_in_time(instrs: list[Instr], rank: int, p: int, v: int) -> list[Instr]:
+    """Same compute order, receives right before and sends right after each compute (the 1F1B placement)."""
+    out = []
+    for ins in (i for i in instrs if not i.is_comm):
+        vs, mb, c = ins.chunk * p + rank, ins.microbatch, ins.chunk
+        first, last = vs == 0, vs == p * v - 1
+        if ins.op == "forward":
+            out += [Instr("recv_forward", mb, c)] * (not first) + [ins] + [Instr("send_forward", mb, c)] * (not last)
+        else:
+            out += [Instr("recv_backward", mb, c)] * (not last) + [ins] + [Instr("send_backward", mb, c)] * (not first)
+    return out
+
+
+def test_simulator_catches_deadlock_and_mismatch():
+    # Interleaving with receives placed just in time deadlocks: a rank waits in a send for a neighbour that
+    # waits in its own send (why schedule_interleaved uses the lock-step placement).
+    scheds = [_receive_just_in_time(schedule_interleaved(4, 2, r, 2), r, 2, 2) for r in range(2)]
+    with pytest.raises(Deadlock):
+        simulate(scheds)
+    # Both stages send first, in batches of their own, and receive later.
+    s0 = [Instr("forward", 0), Instr("send_forward", 0), Instr("forward", 1), Instr("recv_backward", 0)]
+    s1 = [Instr("forward", 1), Instr("send_backward", 0), Instr("forward", 2), Instr("recv_forward", 0)]
+    with pytest.raises(Deadlock):
+        simulate([s0, s1])
+    # Wrong micro-batch on the other end of a channel.
+    s0 = [Instr("forward", 0), Instr("send_forward", 0), Instr("recv_backward", 0), Instr("backward", 0)]
+    s1_wrong = [Instr("recv_forward", 1), Instr("forward", 1), Instr("backward", 1), Instr("send_backward", 1)]
+    with pytest.raises(AssertionError, match="meets"):
+        simulate([s0, s1_wrong])
+
+
+def dependency_bound(schedules: list[list[Instr]], t_fwd: list, t_bwd: list, v: int = 1) -> float:
+    """Makespan of the same compute orders if messages were free and buffered: only data dependencies wait."""
+    p = len(schedules)
+    orders = [[i for i in s if not i.is_comm] for s in schedules]
+    done: dict[tuple, float] = {}
+    pos, clock = [0] * p, [0.0] * p
+    while any(pos[r] < len(orders[r]) for r in range(p)):
+        for r in range(p):
+            while pos[r] < len(orders[r]):
+                ins = orders[r][pos[r]]
+                vs = ins.chunk * p + r
+                fwd = ins.op == "forward"
+                dep = (ins.microbatch, vs - 1, True) if fwd else (ins.microbatch, vs + 1, False)
+                needs_dep = vs > 0 if fwd else vs < p * v - 1
+                if needs_dep and dep not in done:
+                    break
+                clock[r] = max(clock[r], done[dep] if needs_dep else 0.0) + (t_fwd[r] if fwd else t_bwd[r])
+                done[(ins.microbatch, vs, fwd)] = clock[r]
+                pos[r] += 1
+    return max(clock)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_1f1b_waits_only_for_data_with_unequal_stages(p):
+    """Under rendezvous, the fused 1F1B batches never delay a stage beyond its data dependencies."""
+    rng = random.Random(p)
+    for m in (1, 2, 3, 5, 8, 16):
+        scheds = [schedule_1f1b(m, p, r) for r in range(p)]
+        for _ in range(4):
+            t_fwd = [rng.uniform(0.5, 2.0) for _ in range(p)]
+            t_bwd = [2 * t * rng.uniform(0.8, 1.2) for t in t_fwd]
+            got = simulate(scheds, t_fwd, t_bwd)["makespan"]
+            assert got == pytest.approx(dependency_bound(scheds, t_fwd, t_bwd))
+
+
+def test_interleaved_p2_shares_channels_in_fifo_order():
+    # PP=2: rank 1 sends both activations (wrapping to chunk + 1 on rank 0) and gradients to rank 0.
+    s1 = schedule_interleaved(4, 2, 1, 2)
+    ops = {i.op for i in s1}
+    assert {"send_forward", "send_backward", "recv_forward", "recv_backward"} <= ops
+    simulate([schedule_interleaved(4, 2, r, 2) for r in range(2)])
+
+
+def test_no_pipelining_and_exact_lists():
+    assert schedule_no_pipelining(2) == [Instr("forward", 0), Instr("backward", 0),
+                                         Instr("forward", 1), Instr("backward", 1)]
+    assert schedule_no_pipelining(2, forward_only=True) == [Instr("forward", 0), Instr("forward", 1)]
+    # Stage 0 of 2, three micro-batches: one warm-up forward, fused send_forward+recv_backward batches.
+    F, B, SF, RB = "forward", "backward", "send_forward", "recv_backward"
+    assert schedule_1f1b(3, 2, 0) == [Instr(F, 0), Instr(SF, 0), Instr(F, 1), Instr(SF, 1), Instr(RB, 0),
+                                      Instr(B, 0), Instr(F, 2), Instr(SF, 2), Instr(RB, 1), Instr(B, 1),
+                                      Instr(RB, 2), Instr(B, 2)]
+    steps = group_steps(schedule_1f1b(3, 2, 1))
+    assert steps[:4] == [(Instr("recv_forward", 0),), Instr(F, 0), Instr(B, 0),
+                         (Instr("send_backward", 0), Instr("recv_forward", 1))]
+
+
+def test_bad_configs_raise_naming_numbers():
+    with pytest.raises(ValueError, match="num-layers 10 .* pipeline-model-parallel-size 4"):
+        validate_pipeline_config(10, 4, 8)
+    with pytest.raises(ValueError, match=r"num-layers 12 .* 4 x .* 2 = 8"):
+        validate_pipeline_config(12, 4, 8, layers_per_virtual_stage=2)
+    with pytest.raises(ValueError, match="micro-batches 6 .* pipeline-model-parallel-size 4"):
+        validate_pipeline_config(16, 4, 6, layers_per_virtual_stage=2)
+    with pytest.raises(ValueError, match="micro-batches 6 .* 4"):
+        schedule_interleaved(6, 4, 0, 2)
+    with pytest.raises(ValueError, match="pipeline rank 4"):
+        schedule_1f1b(4, 4, 4)
+    with pytest.raises(ValueError, match="micro-batches must be >= 1"):
+        schedule_1f1b(0, 2, 0)
+    with pytest.raises(ValueError, match="2 model chunks"):
+        build_schedule(4, 1, 0, num_chunks=2)
+    with pytest.raises(ValueError, match=r"interleaving \(3 model chunks per rank\) needs"):
+        schedule_interleaved(4, 1, 0, 3)
+    with pytest.raises(ValueError, match=r"interleaving \(2 model chunks per rank\) needs"):
+        validate_pipeline_config(8, 1, 4, layers_per_virtual_stage=4)
+    with pytest.raises(ValueError, match="unknown pipeline instruction"):
+        Instr("fwd", 0)
+    assert validate_pipeline_config(16, 4, 8) == 1
+    assert validate_pipeline_config(16, 4, 8, layers_per_virtual_stage=2) == 2
+    assert validate_pipeline_config(16, 4, 6, layers_per_virtual_stage=4) == 1   # one chunk: no interleaving
