@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads  # noqa: E402
 from megagpt.optim.mixed_precision import OptimizerConfig  # noqa: E402
-from megagpt.optim.zero import build_optimizer  # noqa: E402
+from megagpt.optim.zero import build_dp_optimizer  # noqa: E402
 from megagpt.parallel import comm  # noqa: E402
 from megagpt.parallel.state import ParallelState  # noqa: E402
 
@@ -50,7 +50,7 @@ def measure(hidden: int, layers: int, dtype: torch.dtype, zero: int) -> dict:
     model = build_model(hidden, layers, dtype)
     reducer = DataParallelGradReducer(model.parameters(), ps, bucket_size=BUCKET, use_distributed_optimizer=zero > 0,
                                       overlap_grad_reduce=True, zero_stage=max(zero, 1))
-    opt = build_optimizer(ps, OptimizerConfig(lr=1e-3, bf16=dtype == torch.bfloat16), reducer)
+    opt = build_dp_optimizer(ps, OptimizerConfig(lr=1e-3, bf16=dtype == torch.bfloat16), reducer)
     x = torch.randn(8, hidden, dtype=dtype)
     counted = None
     for step in range(2):

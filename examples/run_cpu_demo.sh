@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-TRAIN_ITERS=${TRAIN_ITERS:-40}
+TRAIN_ITERS=${TRAIN_ITERS:-60}
 
 bash examples/get_demo_corpus.sh
 if [ ! -f data/shakespeare_text_document.idx ]; then

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megagpt.arguments import Config, ConfigError, data_prefixes, num_microbatches, validate
+from megagpt.checkpoint.sharded import load_checkpoint, save_checkpoint, set_rng_state
 from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
-from megagpt.data.indexed_dataset import IndexedDataset
+from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks
@@ -49,7 +50,10 @@ def resolve_vocab(config: Config) -> None:
     """Set model.vocab_size from the tokenizer and check the dataset's tokens fit it, before any allocation."""
     d = config.data
     if config.model.vocab_size is None or not d.mock_data:
-        tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+        try:
+            tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"tokenizer: {exc}") from exc
         if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
             raise ConfigError(f"--vocab-size {config.model.vocab_size} differs from tokenizer {d.tokenizer_type}'s "
                               f"vocabulary of {tokenizer.vocab_size}")
@@ -57,7 +61,10 @@ def resolve_vocab(config: Config) -> None:
     if d.mock_data:
         return
     for prefix in data_prefixes(d.data_path):
-        ds = IndexedDataset(prefix)
+        try:
+            ds = IndexedDataset(prefix)
+        except IndexedDatasetError as exc:
+            raise ConfigError(str(exc)) from exc
         head = [np.asarray(ds[i]) for i in range(min(len(ds), 256))]
         highest = max([int(a.max()) for a in head if a.size], default=0)
         if highest >= config.model.vocab_size:
@@ -108,8 +115,21 @@ class Trainer:
         self.num_microbatches = num_microbatches(config, ps.dp_size)
         self.optimizer.num_microbatches = self.num_microbatches
         self.consumed_samples = 0
+        self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.train_data = self.valid_data = None
         self.datasets = build_datasets(config, launch)
+
+    def save(self, directory: str, iteration: int) -> None:
+        """Checkpoint this rank's shards of `iteration` (collective: every rank calls it)."""
+        save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
+                        self.consumed_samples)
+
+    def load(self, directory: str) -> dict:
+        """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
+        to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
+        loaded = load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
+        self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        return loaded.rng_state
 
     def attach_data(self) -> None:
         """Loaders positioned at consumed_samples (after a resume), only on stages that read tokens or labels."""
@@ -188,8 +208,8 @@ def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
 def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     """Validate, join the process group, build groups, model, optimizer and data for this rank."""
     launch = detect_launch_env()
-    resolve_vocab(config)
     validate(config, launch.world_size)  # clear errors before any process group or allocation
+    resolve_vocab(config)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     launch, device = init_distributed(config.parallel.distributed_backend)
@@ -198,8 +218,14 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     if p.num_layers_per_virtual_pipeline_stage:
         vp = config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
     ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vp)
+    comm.all_reduce(torch.zeros(1, device=device), ps.pp_group)  # NCCL: every rank joins a group before its p2p
     trainer = Trainer(config, ps, device, launch)
+    rng_state = trainer.load(config.train.load) if config.train.load else None
     trainer.attach_data()
+    if rng_state is not None:
+        set_rng_state(rng_state, trainer.tracker)
+        if ps.rank == 0 and log:
+            print(f" loaded checkpoint from {config.train.load} at iteration {trainer.start_iteration}", flush=True)
     if log:
         print_startup(config, trainer, ps)
     return trainer, ps
@@ -218,7 +244,8 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
     flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab)
     result = TrainResult()
     window_start, window_losses, window_iters = time.perf_counter(), [], 0
-    for iteration in range(1, t.train_iters + 1):
+    last_saved = trainer.start_iteration
+    for iteration in range(trainer.start_iteration + 1, t.train_iters + 1):
         loss, ok, grad_norm = trainer.train_step()
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
@@ -246,6 +273,12 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
                 print(format_validation_line(iteration, val), flush=True)
             board.validation(iteration, val)
             window_start = time.perf_counter()
+        if t.save and t.save_interval and iteration % t.save_interval == 0:
+            trainer.save(t.save, iteration)
+            last_saved = iteration
+            window_start = time.perf_counter()
+    if t.save and last_saved < t.train_iters:
+        trainer.save(t.save, t.train_iters)
     result.consumed_samples = trainer.consumed_samples
     board.close()
     return result

@@ -73,15 +73,15 @@ def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> l
             results[rank] = pickle.loads(payload)
         else:
             errors[rank] = payload
-        if errors:
-            break  # other ranks may be blocked on the failed one
+        if errors:  # other ranks may be blocked on the failed one: collect what else arrives shortly
+            deadline = min(deadline, time.monotonic() + 2.0)
     for p in procs:
         p.join(5 if not errors and len(results) == world_size else 0.5)
         if p.is_alive():
             p.kill()
     if errors:
-        first = min(errors)
-        raise RuntimeError(f"rank {first} of {world_size} failed:\n{errors[first]}")
+        report = "\n".join(f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors))
+        raise RuntimeError(f"ranks {sorted(errors)} of {world_size} failed:\n{report}")
     missing = [r for r in range(world_size) if r not in results]
     if missing:
         codes = {r: procs[r].exitcode for r in missing}

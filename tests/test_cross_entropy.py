@@ -69,6 +69,20 @@ def check_large_logits_are_stable(group, r, n):
     assert_close(dlogits, grad_ref.float().chunk(n, dim=-1)[r])
 
 
+def check_masked_vocab_padding(group, r, n):
+    """Padded vocabulary ids masked to -inf (as the GPT head does), covering a whole shard: finite loss and grads."""
+    real = V - V // n - 2  # the last shard is all padding, the one before partly
+    logits = torch.randn(S, B, V, generator=_gen(12))
+    logits[..., real:] = float("-inf")
+    target = torch.randint(0, real, (S, B), generator=_gen(13))
+    grad = torch.rand(S, B, generator=_gen(14))
+    loss_ref, grad_ref = dense_reference(logits, target, grad)
+    loss, dlogits = parallel(logits, target, grad, group, r, n)
+    assert torch.isfinite(loss).all() and torch.isfinite(dlogits).all()
+    assert_close(loss, loss_ref)
+    assert_close(dlogits, grad_ref.chunk(n, dim=-1)[r])
+
+
 def check_bf16_logits_computed_in_fp32(group, r, n):
     logits = (4.0 * torch.randn(S, B, V, generator=_gen(6))).bfloat16()
     target = torch.randint(0, V, (S, B), generator=_gen(7))
@@ -120,6 +134,7 @@ CHECKS = {
     "matches_dense": functools.partial(check_matches_dense, label_smoothing=0.0),
     "matches_dense_label_smoothing": functools.partial(check_matches_dense, label_smoothing=0.1),
     "large_logits_are_stable": check_large_logits_are_stable,
+    "masked_vocab_padding": check_masked_vocab_padding,
     "bf16_logits_computed_in_fp32": check_bf16_logits_computed_in_fp32,
     "input_logits_untouched_and_reusable": check_input_logits_untouched_and_reusable,
     "communication_is_per_token_scalars": check_communication_is_per_token_scalars,

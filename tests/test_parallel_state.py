@@ -122,11 +122,10 @@ def _build_states():
                          pp=(ps.pp_rank, ps.pp_size), first=ps.is_first_stage, last=ps.is_last_stage,
                          next=ps.next_rank, prev=ps.prev_rank, src=ps.tp_src_rank, last_rank=ps.last_stage_rank,
                          virtual=ps.virtual_pp_size, sums=sums, world=ps.world_size, repr=repr(ps))
-    try:  # four stages: ranks 1 and 2 are middle stages, in no embedding group (last collective of this run)
-        ParallelState(tp=1, pp=4)
-        out["pp4"] = None
-    except Exception as exc:  # noqa: BLE001
-        out["pp4"] = f"{type(exc).__name__}: {exc}"
+    # four stages: ranks 1 and 2 are middle stages, in no embedding group
+    ps = ParallelState(tp=1, pp=4)
+    out["pp4"] = dict(ranks=ps.embedding_ranks, has_group=ps.embedding_group is not None, pp=ps.pp_ranks,
+                      first=ps.is_first_stage, last=ps.is_last_stage, next=ps.next_rank, prev=ps.prev_rank)
     return out
 
 
@@ -159,8 +158,11 @@ def test_parallel_state_on_four_gloo_ranks(four_rank_results):
                                  embedding=rank)
 
 
-@pytest.mark.xfail(strict=True, reason="state.py asserts every rank is in an embedding group; middle stages of "
-                   "PP > 2 are in none (owned by the lead: see report)")
-def test_parallel_state_builds_with_middle_pipeline_stages(four_rank_results):
-    errors = {rank: res["pp4"] for rank, res in enumerate(four_rank_results) if res["pp4"] is not None}
-    assert not errors, errors
+def test_parallel_state_with_middle_pipeline_stages(four_rank_results):
+    """PP=4: the embedding group joins ranks 0 and 3; middle stages hold none; neighbours wrap around."""
+    for rank, res in enumerate(four_rank_results):
+        a = res["pp4"]
+        middle = rank in (1, 2)
+        assert a["ranks"] == ([] if middle else [0, 3]) and a["has_group"] == (not middle)
+        assert a["pp"] == [0, 1, 2, 3] and a["first"] == (rank == 0) and a["last"] == (rank == 3)
+        assert a["next"] == (rank + 1) % 4 and a["prev"] == (rank - 1) % 4

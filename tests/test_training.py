@@ -91,3 +91,14 @@ FAST = {"tp2", "pp2", "dp2-zero1"}
 @pytest.mark.parametrize("layout", [pytest.param(k, marks=() if k in FAST else pytest.mark.slow) for k in LAYOUTS])
 def test_layout_matches_single_rank(layout):
     _check_against_reference(run_distributed(_train, WORLD[layout], _config(**LAYOUTS[layout])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_tracks_fp32(precision):
+    """bf16/fp16 params with fp32 masters on TP2 x PP2: losses follow the fp32 run (half-precision rounding only)."""
+    ref_losses, _ = reference()
+    results = run_distributed(_train, 4, _config(tp=2, pp=2, precision=precision))
+    losses = torch.tensor(results[0][0])
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=2e-2, atol=0)

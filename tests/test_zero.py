@@ -71,7 +71,7 @@ def dp_train(zero_stage: int, overlap: bool, steps: int = STEPS, micro: int = 2,
 
     from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
     from megagpt.optim.mixed_precision import OptimizerConfig
-    from megagpt.optim.zero import build_optimizer
+    from megagpt.optim.zero import build_dp_optimizer
     from megagpt.parallel import comm
     from megagpt.parallel.state import ParallelState
 
@@ -83,7 +83,7 @@ def dp_train(zero_stage: int, overlap: bool, steps: int = STEPS, micro: int = 2,
                                       zero_stage=max(zero_stage, 1))
     config = OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, bf16=dtype == torch.bfloat16,
                              fp16=dtype == torch.float16, **config_overrides)
-    opt = build_optimizer(ps, config, reducer, names)
+    opt = build_dp_optimizer(ps, config, reducer, names)
     if resume is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -250,8 +250,11 @@ def test_resume_from_sharded_state_is_exact(zero_stage, tmp_path):
         assert r["second"]["losses"] == r["full"]["losses"][3:]
         for n, p in r["full"]["params"].items():
             assert torch.equal(r["second"]["params"][n], p), n
-    # the saved layouts tile every parameter exactly once, and the stitched fp32 masters round to the model
+    # ZeRO: the saved layouts tile every parameter exactly once, and the stitched fp32 masters round to the model
+    # (plain DDP: every rank's layout is the whole parameter)
     for name, p in model.named_parameters():
+        if zero_stage == 0:
+            per_rank = per_rank[:1]
         covered = sorted((r["layout"][name]["start"], r["layout"][name]["end"]) for r in per_rank
                          if name in r["layout"])
         assert covered[0][0] == 0 and covered[-1][1] == p.numel()
@@ -259,7 +262,7 @@ def test_resume_from_sharded_state_is_exact(zero_stage, tmp_path):
         full = torch.full((p.numel(),), float("nan"))
         for r in per_rank:
             if name in r["layout"]:
-                full[r["layout"][name]["start"]:r["layout"][name]["end"]] = r["masters"][name]
+                full[r["layout"][name]["start"]:r["layout"][name]["end"]] = r["masters"][name].reshape(-1)
         assert full.dtype == torch.float32 and torch.isfinite(full).all()
         model_value = per_rank[0]["full"]["params"][name].reshape(-1)
         assert torch.equal(full.to(torch.bfloat16).float(), model_value), name

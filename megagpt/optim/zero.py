@@ -84,7 +84,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         super().load_state_dict(state)
 
 
-def build_optimizer(ps, config: OptimizerConfig, reducer: DataParallelGradReducer,
+def build_dp_optimizer(ps, config: OptimizerConfig, reducer: DataParallelGradReducer,
                     param_names: Optional[Mapping[nn.Parameter, str]] = None) -> MixedPrecisionOptimizer:
     """DistributedOptimizer when the reducer shards (ZeRO), else MixedPrecisionOptimizer, over the reducer's params."""
     cls = DistributedOptimizer if reducer.use_distributed_optimizer else MixedPrecisionOptimizer

@@ -100,9 +100,9 @@ def batch_send_recv(ops: list[tuple[str, torch.Tensor, int]], group: Optional[ob
         if kind == "send":
             _record("p2p", tensor.numel() * tensor.element_size())
     p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group=group) for kind, t, peer in ops]
-    if dist.get_backend(group) == "nccl":
-        works = dist.batch_isend_irecv(p2p)
-    else:
-        works = [op.op(op.tensor, op.peer, group=op.group) for op in p2p]
+    nccl = dist.get_backend(group) == "nccl"
+    works = dist.batch_isend_irecv(p2p) if nccl else [op.op(op.tensor, op.peer, group=op.group) for op in p2p]
     for w in works:
         w.wait()
+    if nccl:  # as Megatron: the received buffers may be read by another stream right after
+        torch.cuda.synchronize()

@@ -82,8 +82,9 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     """Per-token cross-entropy [s, b] (fp32) of logits split over TP along the vocabulary.
 
     vocab_parallel_logits: [s, b, v/tp] this rank's vocabulary slice; target: [s, b] global vocabulary ids.
-    `label_smoothing` follows F.cross_entropy (the smoothed mass is spread over all V classes).
-    The input logits are not modified.
+    `label_smoothing` follows F.cross_entropy (the smoothed mass is spread over all V classes), so it needs
+    finite logits; without it, -inf logits (masked vocabulary padding, even a whole shard) are fine.
+    The input logits are not modified. The backward reuses the saved softmax in place and runs once.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -1,0 +1,297 @@
+"""Sharded checkpoints in Megatron's legacy layout: per-rank shards, atomic writes, exact resume.
+
+Layout under the checkpoint directory (DESIGN.md "Checkpoints"):
+```
+latest_checkpointed_iteration.txt          iteration number; written last, after every rank's files are on disk
+iter_0000100/
+  metadata.json                            global rank 0: config, layout, iteration, tensors (global shape, TP dim)
+  mp_rank_{tp:02d}_{pp:03d}/
+    model_optim_rng.pt                     DP rank 0 of (tp, pp): model chunks, optimizer (non-ZeRO) + scheduler
+    distrib_optim_dp{dp:03d}.pt            every DP rank with --use-distributed-optimizer: its ZeRO shard
+    rng_dp{dp:03d}.pt                      every rank: its own RNG states
+```
+RNG states differ on every rank (the dropout streams depend on TP and PP rank, and the default generator has
+drawn differently once data loaders exist), so each rank keeps its own small `rng_dp*.pt` in its (tp, pp) folder
+instead of Megatron's DP-gathered list: no collective is needed to save or restore them. `model_optim_rng.pt`
+also carries DP rank 0's states under `rng_state` for tools that read only that file.
+
+Every file goes to a temporary name in its final directory, is flushed and fsynced, then `os.replace`d, so a
+crash leaves either the complete file or none under the final name. The tracker file is written by global rank 0
+after a world barrier, so a crash mid-save never hides (or half-replaces) the previous checkpoint.
+Loading checks the saved parallel layout against this run's before reading any shard; resharding is convert.py's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megagpt.arguments import Config
+from megagpt.parallel import comm
+from megagpt.parallel import random as tp_random
+from megagpt.parallel.state import ParallelState
+
+FORMAT_VERSION = 1
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model_optim_rng.pt"
+# Model-config fields that change tensor shapes: a mismatch is reported by name, not as a torch size error.
+_ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                "max_position_embeddings", "make_vocab_size_divisible_by")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or was written for another layout."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored besides tensors: where training resumes, and this rank's RNG states."""
+
+    iteration: int
+    consumed_samples: int
+    rng_state: dict
+
+
+def iteration_dir(directory: str, iteration: int) -> str:
+    return os.path.join(directory, f"iter_{iteration:07d}")
+
+
+def shard_dir(directory: str, iteration: int, tp_rank: int, pp_rank: int) -> str:
+    return os.path.join(iteration_dir(directory, iteration), f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
+
+
+def layout_of(ps: ParallelState, num_chunks: int, use_distributed_optimizer: bool) -> dict:
+    """The parallel layout a checkpoint's shards depend on."""
+    return {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
+            "data_parallel_size": ps.dp_size, "virtual_pipeline_chunks": num_chunks,
+            "use_distributed_optimizer": bool(use_distributed_optimizer)}
+
+
+def _describe(layout: dict) -> str:
+    return (f"TP={layout['tensor_model_parallel_size']} PP={layout['pipeline_model_parallel_size']} "
+            f"DP={layout['data_parallel_size']} virtual-chunks={layout['virtual_pipeline_chunks']} "
+            f"distributed-optimizer={layout['use_distributed_optimizer']}")
+
+
+# ---- atomic file writes -------------------------------------------------------------------------------------
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through `write(file)` to a temporary name beside `path`, fsync, then rename over `path`."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+# ---- state pieces -------------------------------------------------------------------------------------------
+def _to_cpu(obj: Any) -> Any:
+    """Detached CPU copies of every tensor in a nested dict/list, so files load on any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def get_rng_state(tracker: tp_random.RNGStatesTracker) -> dict:
+    """Every generator this rank draws from: Python, NumPy, torch CPU, the device's, and the TP tracker streams."""
+    device = tracker.device
+    return {"random": random.getstate(), "np_random": np.random.get_state(),
+            "torch_cpu": torch.get_rng_state(),
+            "device": tp_random.get_rng_state(device).cpu() if device.type != "cpu" else None,
+            "tracker": _to_cpu(tracker.get_states())}
+
+
+def set_rng_state(state: dict, tracker: tp_random.RNGStatesTracker) -> None:
+    """Restore `get_rng_state`'s output. Call it after anything that draws at start-up (e.g. DataLoader iterators)."""
+    random.setstate(state["random"])
+    np.random.set_state(state["np_random"])
+    torch.set_rng_state(state["torch_cpu"])
+    if state["device"] is not None:
+        tp_random.set_rng_state(state["device"], tracker.device)
+    tracker.set_states({k: v.to(torch.uint8) for k, v in state["tracker"].items()})
+
+
+def _model_keys(chunks: list[nn.Module]) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _local_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
+    """name -> global shape, TP split dim (0 column/vocab, 1 row, None replicated), dtype, pp rank and chunk."""
+    info = {}
+    for c, chunk in enumerate(chunks):
+        for name, p in chunk.named_parameters():
+            split = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+            shape = list(p.shape)
+            if split is not None:
+                shape[split] *= ps.tp_size
+            info[name] = {"shape": shape, "split_dim": split, "dtype": str(p.dtype).replace("torch.", ""),
+                          "pp_rank": ps.pp_rank, "chunk": c}
+            if getattr(p, "is_embedding_copy", False):
+                info[name]["tied_to"] = "embedding.word_embeddings.weight"
+    return info
+
+
+def _gather_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
+    """Every stage's tensor info, on every rank: JSON bytes all-gathered over the pipeline group.
+
+    Global rank 0's pipeline group holds TP rank 0 of every stage, and local shapes times TP give global shapes,
+    so one gather over that group sees the whole model."""
+    payload = json.dumps(_local_tensor_info(chunks, ps)).encode()
+    device = next(chunks[0].parameters()).device
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    comm.all_reduce_max(length, ps.pp_group)
+    size = int(length.item())
+    local = torch.zeros(size, dtype=torch.uint8, device=device)
+    local[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    gathered = torch.empty(size * ps.pp_size, dtype=torch.uint8, device=device)
+    comm.all_gather_into(gathered, local, ps.pp_group)
+    merged = {}
+    for part in gathered.cpu().chunk(ps.pp_size):
+        merged.update(json.loads(bytes(part.tolist()).rstrip(b"\x00").decode()))
+    return merged
+
+
+# ---- save ---------------------------------------------------------------------------------------------------
+def save_checkpoint(directory: str, iteration: int, config: Config, ps: ParallelState, chunks: list[nn.Module],
+                    optimizer, tracker: tp_random.RNGStatesTracker, consumed_samples: int) -> str:
+    """Write this rank's shards of iteration `iteration`, then (rank 0, after a barrier) the tracker file.
+
+    `optimizer` is a TrainingOptimizer (`state_dict()` = {"optimizer", "scheduler"}); with the distributed
+    optimizer its "optimizer" part is this DP rank's ZeRO shard. Collective: every rank must call it.
+    Returns the iteration directory."""
+    zero = config.parallel.use_distributed_optimizer
+    layout = layout_of(ps, len(chunks), zero)
+    folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
+    os.makedirs(folder, exist_ok=True)
+    tensors = _gather_tensor_info(chunks, ps)           # collective: before any rank can fail on a write
+    rng = get_rng_state(tracker)
+    optim_state = _to_cpu(optimizer.state_dict())
+    if ps.dp_rank == 0:
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "checkpoint_version": FORMAT_VERSION,
+                 "config": config.to_dict(), "layout": layout, "rng_state": rng,
+                 "opt_param_scheduler": optim_state["scheduler"]}
+        for key, chunk in zip(_model_keys(chunks), chunks):
+            state[key] = _to_cpu(chunk.state_dict())
+        if not zero:
+            state["optimizer"] = optim_state
+        atomic_torch_save(state, os.path.join(folder, MODEL_FILE))
+    if zero:
+        atomic_torch_save({"iteration": iteration, "layout": layout, "optimizer": optim_state},
+                          os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))
+    atomic_torch_save(rng, os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
+    if ps.rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                "layout": layout, "tokenizer_type": config.data.tokenizer_type,
+                "padded_vocab_size": getattr(chunks[0], "padded_vocab", None),
+                "config": config.to_dict(), "tensors": tensors}
+        atomic_write_text(json.dumps(meta, indent=1, sort_keys=True),
+                          os.path.join(iteration_dir(directory, iteration), METADATA_FILE))
+    dist.barrier()                                      # every rank's shards are on disk
+    if ps.rank == 0:
+        atomic_write_text(f"{iteration}\n", os.path.join(directory, TRACKER_FILE))
+    dist.barrier()                                      # the tracker is visible to every rank on return
+    return iteration_dir(directory, iteration)
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+def read_tracker(directory: str) -> int:
+    """The iteration named by `latest_checkpointed_iteration.txt` (clear error when absent or malformed)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+    path = os.path.join(directory, TRACKER_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no {TRACKER_FILE} in {directory!r}: no complete checkpoint was saved there")
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
+
+
+def read_metadata(directory: str, iteration: Optional[int] = None) -> dict:
+    """metadata.json of `iteration` (default: the tracker's)."""
+    iteration = read_tracker(directory) if iteration is None else iteration
+    path = os.path.join(iteration_dir(directory, iteration), METADATA_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint of iteration {iteration} in {directory!r} has no {METADATA_FILE}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')}, this code reads "
+                              f"{FORMAT_VERSION}")
+    return meta
+
+
+def check_compatible(meta: dict, config: Config, ps: ParallelState, num_chunks: int) -> None:
+    """Raise CheckpointError naming both layouts (or the differing model fields) when shards cannot load here."""
+    here = layout_of(ps, num_chunks, config.parallel.use_distributed_optimizer)
+    if meta["layout"] != here:
+        raise CheckpointError(f"checkpoint of iteration {meta['iteration']} was saved with parallel layout "
+                              f"[{_describe(meta['layout'])}] but this run uses [{_describe(here)}]; "
+                              f"reshard it with megagpt.checkpoint.convert first")
+    saved, ours = meta["config"]["model"], config.to_dict()["model"]
+    diff = [f"{k}: saved {saved.get(k)}, here {ours.get(k)}" for k in _ARCH_FIELDS if saved.get(k) != ours.get(k)]
+    if diff:
+        raise CheckpointError("checkpoint model differs from this config: " + "; ".join(diff))
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint shard {path} is missing")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: list[nn.Module], optimizer,
+                    iteration: Optional[int] = None) -> LoadedCheckpoint:
+    """Restore model chunks and optimizer + scheduler state of this rank in place; return iteration, consumed
+    samples and this rank's RNG states (apply them with `set_rng_state` once start-up has finished drawing).
+
+    Every rank reads only files, no collective: the layout check runs on every rank from metadata.json, so all
+    ranks fail alike."""
+    meta = read_metadata(directory, iteration)
+    check_compatible(meta, config, ps, len(chunks))
+    iteration = meta["iteration"]
+    folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
+    state = _load_file(os.path.join(folder, MODEL_FILE))
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        if key not in state:
+            raise CheckpointError(f"{folder}/{MODEL_FILE} has no {key!r} (keys: {sorted(state)})")
+        chunk.load_state_dict(state[key], strict=True)   # copies in place: params stay views of their buffers
+    if config.parallel.use_distributed_optimizer:
+        optim_state = _load_file(os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))["optimizer"]
+    else:
+        optim_state = state["optimizer"]
+    pass  # optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
+    rng = _load_file(os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
+    return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
