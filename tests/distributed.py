@@ -17,7 +17,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,3 +101,32 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
                 if "address already in use" not in str(exc).lower() or attempt == 2:
                     raise
     raise AssertionError("unreachable")
+
+
+def run_checks(checks: dict[str, Callable]) -> dict[str, Optional[str]]:
+    """Run every `check(group, rank, world_size)` on this rank; None for a pass, else the (trimmed) traceback.
+
+    For suites that start gloo once and run many checks inside it. Checks finish their collectives before
+    asserting, so a failure on some ranks leaves the ranks in step; a sum of check indices after each check
+    proves it (else the remaining results would be meaningless).
+    """
+    n, r = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(n)))
+    results: dict[str, Optional[str]] = {}
+    for i, (name, check) in enumerate(checks.items()):
+        try:
+            check(group, r, n)
+            results[name] = None
+        except Exception:  # noqa: BLE001 - report per check
+            results[name] = traceback.format_exc()[-1500:]
+        step = torch.tensor([float(i)])
+        dist.all_reduce(step, group=group)
+        if step.item() != i * n:
+            raise RuntimeError(f"ranks out of step after check {name!r}: {results[name]}")
+    return results
+
+
+def assert_check_passed(rank_results: list[dict[str, Optional[str]]], name: str) -> None:
+    """Fail with every rank's traceback for check `name`."""
+    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(rank_results) if res[name] is not None]
+    assert not errors, "\n".join(errors)

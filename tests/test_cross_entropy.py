@@ -6,7 +6,6 @@ compares the per-token loss and its logits-gradient slice with a dense reference
 from __future__ import annotations
 
 import functools
-import traceback
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from distributed import run_distributed
+from distributed import assert_check_passed, run_checks, run_distributed
 from megagpt.parallel import comm
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -142,37 +141,14 @@ CHECKS = {
 }
 
 
-def _rank_main() -> dict[str, str | None]:
-    """Run every check on this rank; None for a pass, else the (trimmed) traceback.
-
-    Checks finish their collectives before asserting, so a failure on some ranks only leaves the ranks in step;
-    a sum of check indices after each check proves it (else the remaining results would be meaningless).
-    """
-    n, r = dist.get_world_size(), dist.get_rank()
-    group = dist.new_group(list(range(n)))
-    results = {}
-    for i, (name, check) in enumerate(CHECKS.items()):
-        try:
-            check(group, r, n)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - report per check
-            results[name] = traceback.format_exc()[-1500:]
-        step = torch.tensor([float(i)])
-        comm.all_reduce(step, group)
-        if step.item() != i * n:
-            raise RuntimeError(f"ranks out of step after check {name!r}: {results[name]}")
-    return results
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"tp{n}")
 def rank_results(request):
-    return run_distributed(_rank_main, request.param, timeout_s=120)
+    return run_distributed(run_checks, request.param, CHECKS, timeout_s=120)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_cross_entropy(rank_results, name):
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(rank_results) if res[name] is not None]
-    assert not errors, "\n".join(errors)
+    assert_check_passed(rank_results, name)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])

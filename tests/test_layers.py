@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import traceback
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from distributed import run_distributed
+from distributed import assert_check_passed, run_checks, run_distributed
 from megagpt.parallel import comm
 from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megagpt.parallel.state import ParallelState
@@ -226,38 +225,14 @@ CHECKS = {
 }
 
 
-def _rank_main() -> dict[str, str | None]:
-    """Run every check on this rank; None for a pass, else the (trimmed) traceback.
-
-    Checks finish their collectives before asserting, so a failure on some ranks only leaves the ranks in step;
-    a sum of check indices after each check proves it (else the remaining results would be meaningless).
-    """
-    n, r = dist.get_world_size(), dist.get_rank()
-    group = dist.new_group(list(range(n)))
-    results = {}
-    for i, (name, check) in enumerate(CHECKS.items()):
-        torch.manual_seed(0)
-        try:
-            check(group, r, n)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - report per check
-            results[name] = traceback.format_exc()[-1500:]
-        step = torch.tensor([float(i)])
-        comm.all_reduce(step, group)
-        if step.item() != i * n:
-            raise RuntimeError(f"ranks out of step after check {name!r}: {results[name]}")
-    return results
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"tp{n}")
 def rank_results(request):
-    return run_distributed(_rank_main, request.param, timeout_s=180)
+    return run_distributed(run_checks, request.param, CHECKS, timeout_s=180)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_layer(rank_results, name):
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(rank_results) if res[name] is not None]
-    assert not errors, "\n".join(errors)
+    assert_check_passed(rank_results, name)
 
 
 def test_single_process_layers_are_dense():

@@ -6,14 +6,13 @@ check (launching is the slow part); each check is reported as its own test.
 """
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from distributed import run_distributed
+from distributed import assert_check_passed, run_checks, run_distributed
 from megagpt.parallel import comm
 from megagpt.parallel.mappings import (
     copy_to_tp_region,
@@ -159,37 +158,14 @@ def check_size_one_group_is_free_identity(group, r, n):
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 
-def _rank_main() -> dict[str, str | None]:
-    """Run every check on this rank; None for a pass, else the (trimmed) traceback.
-
-    Checks finish their collectives before asserting, so a failure on some ranks only leaves the ranks in step;
-    a sum of check indices after each check proves it (else the remaining results would be meaningless).
-    """
-    n, r = dist.get_world_size(), dist.get_rank()
-    group = dist.new_group(list(range(n)))
-    results = {}
-    for i, (name, check) in enumerate(CHECKS.items()):
-        try:
-            check(group, r, n)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - report per check
-            results[name] = traceback.format_exc()[-1500:]
-        step = torch.tensor([float(i)])
-        comm.all_reduce(step, group)
-        if step.item() != i * n:
-            raise RuntimeError(f"ranks out of step after check {name!r}: {results[name]}")
-    return results
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"tp{n}")
 def rank_results(request):
-    return run_distributed(_rank_main, request.param, timeout_s=120)
+    return run_distributed(run_checks, request.param, CHECKS, timeout_s=120)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_mapping(rank_results, name):
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(rank_results) if res[name] is not None]
-    assert not errors, "\n".join(errors)
+    assert_check_passed(rank_results, name)
 
 
 def test_single_process_without_distributed_is_identity():
