@@ -61,7 +61,7 @@ def _resume_worker(layout: dict, ckpt: str, control: bool):
     return out
 
 
-def _check_resume(results, world_layout):
+def _check_resume(results):
     for r in results:
         assert r["start"] == FIRST
         assert r["consumed"] == TOTAL * 8
@@ -76,7 +76,7 @@ def _check_resume(results, world_layout):
 
 def test_exact_resume_single_rank(tmp_path):
     (r,) = run_distributed(_resume_worker, 1, {}, str(tmp_path), True)
-    _check_resume([r], {})
+    _check_resume([r])
     # Control: without the RNG restore dropout draws other masks, so the comparison above can fail.
     assert r["no_rng"] != r["straight"][FIRST:]
     files = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(f"{tmp_path}/**", recursive=True)
@@ -100,7 +100,7 @@ SLOW = {"dp2-zero1-bf16", "tp2-pp2-dp2-zero1"}
 def test_exact_resume_parallel(tmp_path, name):
     world, layout = RESUME_LAYOUTS[name]
     results = run_distributed(_resume_worker, world, layout, str(tmp_path), False)
-    _check_resume(results, layout)
+    _check_resume(results)
     step_dir = tmp_path / "iter_0000003"
     meta = json.loads((step_dir / "metadata.json").read_text())
     tp, pp = layout.get("tp", 1), layout.get("pp", 1)

@@ -292,6 +292,6 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
         optim_state = _load_file(os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))["optimizer"]
     else:
         optim_state = state["optimizer"]
-    pass  # optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
+    optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
     rng = _load_file(os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
     return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
