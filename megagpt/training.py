@@ -140,7 +140,8 @@ class Trainer:
         make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
             ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, self.config.data.num_workers),
             self.device)
-        self.train_data = make(train, self.consumed_samples)
+        # A run resumed at its last iteration has nothing left to train on.
+        self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
         self.valid_data = make(valid, 0) if valid is not None else None
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 import megagpt.training as training
 from distributed import run_distributed
+from megagpt.fileio import atomic_write
 from megagpt.checkpoint import sharded
 from megagpt.checkpoint.sharded import CheckpointError, read_tracker
 from megagpt.training import config_for_test, setup, train_loop
@@ -230,6 +231,6 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         raise OSError("interrupted")
 
     with pytest.raises(OSError, match="interrupted"):
-        sharded._atomic_write(str(target), boom)
+        atomic_write(str(target), boom)
     assert os.listdir(tmp_path) == ["file.pt"]
     torch.testing.assert_close(torch.load(target)["v"], torch.ones(3))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megagpt.arguments import Config
+from megagpt.fileio import atomic_write
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
@@ -82,33 +83,14 @@ def _describe(layout: dict) -> str:
 
 
 # ---- atomic file writes -------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through `write(file)` to a temporary name beside `path`, fsync, then rename over `path`."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 # ---- state pieces -------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import math
 import os
-import socket
 import time
 from typing import Optional, Sequence
 
@@ -26,6 +25,7 @@ import torch.utils.data
 
 from megagpt.data import _helpers_cpp
 from megagpt.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
+from megagpt.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +97,7 @@ def _build_shuffle_idx(num_shuffled: int, total: int, rng: np.random.RandomState
 
 
 def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def wait_for_files(paths: Sequence[str], timeout_s: float, poll_s: float = 0.2) -> None:
