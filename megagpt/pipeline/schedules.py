@@ -96,13 +96,17 @@ def validate_pipeline_config(num_layers: int, pp_size: int, num_microbatches: in
             f"num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} = {pp_size * layers_per_virtual_stage}")
     num_chunks = num_layers // (pp_size * layers_per_virtual_stage)
     if num_chunks > 1:
-        if pp_size < 2:
-            raise ValueError(f"interleaving ({num_chunks} model chunks per rank) needs "
-                             f"pipeline-model-parallel-size > 1, got {pp_size}")
-        if num_microbatches % pp_size != 0:
-            raise ValueError(f"interleaved schedule: number of micro-batches {num_microbatches} is not divisible "
-                             f"by pipeline-model-parallel-size {pp_size}")
+        _check_interleaving(num_microbatches, pp_size, num_chunks)
     return num_chunks
+
+
+def _check_interleaving(num_microbatches: int, pp_size: int, num_chunks: int) -> None:
+    if pp_size < 2:
+        raise ValueError(f"interleaving ({num_chunks} model chunks per rank) needs "
+                         f"pipeline-model-parallel-size > 1, got {pp_size}")
+    if num_microbatches % pp_size != 0:
+        raise ValueError(f"interleaved schedule: number of micro-batches {num_microbatches} is not divisible "
+                         f"by pipeline-model-parallel-size {pp_size}")
 
 
 Compute = tuple  # ("forward" | "backward", microbatch, chunk)
@@ -283,12 +287,7 @@ def schedule_interleaved(num_microbatches: int, pp_size: int, pp_rank: int, num_
     _check(num_microbatches, pp_size, pp_rank)
     if num_chunks < 1:
         raise ValueError(f"number of model chunks must be >= 1, got {num_chunks}")
-    if pp_size < 2:
-        raise ValueError(f"interleaving ({num_chunks} model chunks per rank) needs "
-                         f"pipeline-model-parallel-size > 1, got {pp_size}")
-    if num_microbatches % pp_size != 0:
-        raise ValueError(f"interleaved schedule: number of micro-batches {num_microbatches} is not divisible "
-                         f"by pipeline-model-parallel-size {pp_size}")
+    _check_interleaving(num_microbatches, pp_size, num_chunks)
     return list(_all_interleaved(num_microbatches, pp_size, num_chunks, forward_only)[pp_rank])
 
 
