@@ -23,9 +23,9 @@ Analytic minimum per micro-batch, A = b s h x 4 bytes (fp32), T = b s x 4 bytes 
                split) + all-gather (bwd); per layer 4 all-gathers + 4 reduce-scatters (2 of each per direction);
                LM head: all-gather (fwd) + reduce-scatter (bwd); cross-entropy as above
                ->  (8L + 4) A x (n-1)/n + 3T x 2(n-1)/n
-  optimizer    one fp32 scalar all-reduce (grad norm, clip_grad > 0); with SP also the all-reduce of the
-               sequence-parallel params' grads (2 LayerNorms + 1 row-linear bias... per layer, see below):
-               (6 L h + 2 h) x 4 bytes x 2(n-1)/n  (LN weight+bias x2 and 2 row-linear biases per layer, final LN)
+  optimizer    one fp32 scalar all-reduce (grad norm, clip_grad > 0); with SP also one all-reduce of the grads
+               of the sequence-parallel params (per layer 2 LayerNorms x (weight + bias) + 2 row-linear biases,
+               plus the final LayerNorm): (6 L h + 2 h + 1) x 4 bytes x 2(n-1)/n
 The headline is measured (wire) / minimum per phase; 1.00 means no extra byte moved.
 """
 from __future__ import annotations
@@ -124,6 +124,12 @@ def measure_rank(tp: int, sp: bool, a: dict) -> dict:
     return out
 
 
+def sp_param_numel(a: dict) -> int:
+    """Params whose grads are partial per TP rank under SP: 2 LayerNorms per layer + row biases (6h per layer),
+    the final LayerNorm (2h) and the position embeddings (each rank adds only its sequence slice)."""
+    return a["layers"] * 6 * a["hidden"] + 2 * a["hidden"] + a["seq"] * a["hidden"]
+
+
 def minimum(tp: int, sp: bool, a: dict) -> dict[str, dict[str, float]]:
     """The analytic minimum per phase and collective kind (bytes sent per rank), from the docstring's formulas."""
     n, L, m = tp, a["layers"], a["microbatches"]
@@ -133,8 +139,7 @@ def minimum(tp: int, sp: bool, a: dict) -> dict[str, dict[str, float]]:
     ce = {"all_reduce(max)": m * tok * ar, "all_reduce": m * 2 * tok * ar}
     if sp:
         fwd = {"all_gather": m * (4 * L + 2) * act * ring, "reduce_scatter": m * (4 * L + 2) * act * ring, **ce}
-        sp_numel = L * 6 * a["hidden"] + 2 * a["hidden"]
-        opt = {"all_reduce": (sp_numel + 1) * 4 * ar}
+        opt = {"all_reduce": (sp_param_numel(a) + 1) * 4 * ar}
     else:
         fwd = {"all_reduce": m * (4 * L + 2) * act * ar + ce["all_reduce"], "all_reduce(max)": ce["all_reduce(max)"]}
         opt = {"all_reduce": 1 * 4 * ar}
@@ -172,7 +177,7 @@ def main() -> None:
                 tw, tc, tm = sum(wire.values()), sum(comm_c.values()), sum(mn.values())
                 rows.append([layout, phase, "TOTAL", f"{tm:,.0f}", f"{tc:,.0f}", f"{tw:,.0f}", f"{tw / tm:.2f}"])
                 headline.append([layout, phase, f"{tm:,.0f}", f"{tw:,.0f}", f"{tw / tm:.2f}",
-                                 "" if tc == tw else f"comm.count_bytes misses {tw - tc:,.0f} B"])
+                                 "" if tc == tw else f"comm.count_bytes misses {tw - tc:,.0f} B (all_reduce_max)"])
             excess = sum(r0["fwd+bwd"]["wire"].values()) - sum(mins["fwd+bwd"].values())
             emb_ar = a["microbatches"] * a["micro"] * a["seq"] * a["hidden"] * 4 * (tp - 1) / tp
             if sp and excess > 0:
@@ -180,9 +185,9 @@ def main() -> None:
                              + ("= exactly one extra (n-1)/n x A per micro-batch: the embedding output is all-reduced "
                                 "then split (g + scatter) instead of reduce-scattered" if excess == emb_ar else
                                 f"(not the embedding all-reduce, which would be {emb_ar:,.0f} B)"))
-            if sp and r0["sp_param_numel"] != a["layers"] * 6 * a["hidden"] + 2 * a["hidden"]:
+            if sp and r0["sp_param_numel"] != sp_param_numel(a):
                 notes.append(f"{layout}: {r0['sp_param_numel']} sequence-parallel param elements, formula assumes "
-                             f"{a['layers'] * 6 * a['hidden'] + 2 * a['hidden']}")
+                             f"{sp_param_numel(a)}")
     print_table(["layout", "phase", "collective", "minimum B", "comm.count_bytes B", "wire B", "wire/min"], rows,
                 title="Bytes sent per rank per training step, by collective (ring volumes)")
     print_table(["layout", "phase", "minimum B", "measured B", "measured/min", "note"], headline,

@@ -44,15 +44,23 @@ class Embedding(nn.Module):
         with torch.no_grad():
             self.position_embeddings.weight.copy_(master)
         self.position_embeddings.weight.tensor_model_parallel = False
+        # Under SP each TP rank adds only its sequence slice of positions: its grad is partial, summed over TP.
+        self.position_embeddings.weight.sequence_parallel = sequence_parallel
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.size(1), device=tokens.device)
-        x = self.word_embeddings(tokens) + self.position_embeddings(positions)  # [b, s, h]
-        x = x.transpose(0, 1).contiguous()                                     # [s, b, h]
+        s = tokens.size(1)
+        positions = torch.arange(s, device=tokens.device)
         if not self.sequence_parallel:
-            return self.dropout(x)
-        x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)     # [s/tp, b, h]
+            x = self.word_embeddings(tokens) + self.position_embeddings(positions)      # [b, s, h]
+            return self.dropout(x.transpose(0, 1).contiguous())                         # [s, b, h]
+        # Reduce-scatter the partial word embeddings straight into sequence shards (half an all-reduce's bytes),
+        # then add this rank's slice of the (replicated) position embeddings.
+        partial = self.word_embeddings(tokens, reduce_output=False).transpose(0, 1).contiguous()  # [s, b, h]
+        x = mappings.reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)         # [s/tp, b, h]
+        shard = x.size(0)
+        start = mappings.tp_rank(self.tp_group) * shard
+        x = x + self.position_embeddings(positions[start:start + shard]).unsqueeze(1)           # [s/tp, b, h]
         with self.tracker.fork():
             return self.dropout(x)
 
@@ -123,18 +131,17 @@ class GPTModel(nn.Module):
         else:
             x = mappings.copy_to_tp_region(x, self.ps.tp_group)                             # [s, b, h]
         logits = torch.nn.functional.linear(x, self._lm_head_weight())                      # [s, b, v/tp]
-        return self._mask_vocab_padding(logits)
+        self._mask_vocab_padding_(logits)
+        return logits
 
-    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        """Padding rows never win the softmax: logits of ids >= vocab_size are -inf, so every padded size (and
-        every TP size) gives the loss of the unpadded vocabulary (and Hugging Face's GPT-2 logits)."""
+    def _mask_vocab_padding_(self, logits: torch.Tensor) -> None:
+        """Padding rows never win the softmax: logits of ids >= vocab_size are set to -inf, so every padded size
+        (and every TP size) gives the loss of the unpadded vocabulary (and Hugging Face's GPT-2 logits). In place
+        on the padding columns only: linear's backward does not need its output, and their grad is zero."""
         shard = logits.size(-1)
-        start = self.ps.tp_rank * shard
-        first_pad = self.cfg.vocab_size - start
-        if first_pad >= shard:
-            return logits
-        mask = torch.arange(shard, device=logits.device) >= max(first_pad, 0)
-        return logits.masked_fill(mask, float("-inf"))
+        first_pad = self.cfg.vocab_size - self.ps.tp_rank * shard
+        if first_pad < shard:
+            logits[..., max(first_pad, 0):] = float("-inf")
 
 
 def build_model_chunks(cfg: ModelConfig, ps: ParallelState, *, seed: int, tracker: tp_random.RNGStatesTracker,

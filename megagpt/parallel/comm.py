@@ -85,7 +85,9 @@ def broadcast(tensor: torch.Tensor, src: int, group, async_op: bool = False):
 
 
 def all_reduce_max(tensor: torch.Tensor, group) -> None:
-    if group_size(group) > 1:
+    n = group_size(group)
+    if n > 1:
+        _record("all_reduce_max", 2 * (n - 1) / n * tensor.numel() * tensor.element_size())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
 
 

@@ -198,15 +198,17 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.weight = _sharded_param((num_embeddings, embedding_dim), 0, group, init_method, params_dtype, device)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [b, s] global vocabulary ids -> [b, s, h]."""
+    def forward(self, ids: torch.Tensor, reduce_output: bool = True) -> torch.Tensor:
+        """ids: [b, s] global vocabulary ids -> [b, s, h]. With reduce_output=False the caller gets this rank's
+        partial sum (rows it does not own are zero) and reduces it itself, e.g. by a sequence-parallel
+        reduce-scatter that sends half the bytes of an all-reduce."""
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)  # [b, s, h]
         outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)  # [b, s]
         local_ids = (ids - self.vocab_start_index).masked_fill(outside, 0)  # [b, s]
         partial = F.embedding(local_ids, self.weight)  # [b, s, h]
         partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h], zero rows this rank does not own
-        return reduce_from_tp_region(partial, self.group)  # [b, s, h]
+        return reduce_from_tp_region(partial, self.group) if reduce_output else partial  # [b, s, h]
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim} (tp={self.tp_size}: "
