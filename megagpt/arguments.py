@@ -65,6 +65,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = arg(False, "launch each grad bucket's DP reduction as soon as it is ready")
     ddp_bucket_size: int = arg(40_000_000, "elements per gradient bucket")
     distributed_backend: Optional[str] = arg(None, "nccl or gloo (default: nccl with CUDA, else gloo)")
+    deepspeed: bool = arg(False, "hand the model to deepspeed.initialize (ZeRO 1-3, offload; TP = PP = 1)")
+    deepspeed_config: Optional[str] = arg(None, "DeepSpeed JSON config (batch sizes and precision are set from ours)")
 
 
 @dataclass
@@ -253,6 +255,15 @@ def validate(config: Config, world_size: int) -> None:
     elif vl is not None and pp > 1 and num_microbatches(config, dp) % pp != 0:
         problems.append(f"interleaved schedule needs micro-batches per step ({num_microbatches(config, dp)}) to be a "
                         f"multiple of pipeline-model-parallel-size {pp}")
+    if p.deepspeed:
+        if tp != 1 or pp != 1 or p.use_distributed_optimizer:
+            problems.append(f"--deepspeed runs data parallelism only: got tensor-model-parallel-size {tp}, "
+                            f"pipeline-model-parallel-size {pp}, use-distributed-optimizer "
+                            f"{p.use_distributed_optimizer} (use the native ZeRO path for 3D parallelism)")
+        if t.save or t.load:
+            problems.append("--save/--load are not supported with --deepspeed yet (native checkpoints only)")
+        if p.deepspeed_config and not os.path.exists(p.deepspeed_config):
+            problems.append(f"deepspeed config {p.deepspeed_config} does not exist")
     if o.bf16 and o.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
     if not d.mock_data and not d.data_path:

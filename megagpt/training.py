@@ -111,9 +111,13 @@ class Trainer:
         self.chunks: list[GPTModel] = build_model_chunks(
             config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=self.num_chunks,
             sequence_parallel=p.sequence_parallel, params_dtype=_params_dtype(config), device=device)
-        self.optimizer: TrainingOptimizer = build_optimizer(config, self.chunks, ps)
         self.num_microbatches = num_microbatches(config, ps.dp_size)
-        self.optimizer.num_microbatches = self.num_microbatches
+        if p.deepspeed:
+            from megagpt.optim.deepspeed_backend import DeepSpeedTrainer  # optional dependency
+            self.optimizer = DeepSpeedTrainer(config, self.chunks[0], ps.dp_size, self.num_microbatches)
+        else:
+            self.optimizer: TrainingOptimizer = build_optimizer(config, self.chunks, ps)
+            self.optimizer.num_microbatches = self.num_microbatches
         self.consumed_samples = 0
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.train_data = self.valid_data = None
@@ -169,17 +173,24 @@ class Trainer:
                                   _params_dtype(self.config), self.device, num_chunks=self.num_chunks,
                                   forward_only=forward_only,
                                   on_instruction=None if forward_only else self.optimizer.on_instruction)
-        loss = broadcast_losses(losses, self.ps, self.device)
+        return self._mean_over_dp(broadcast_losses(losses, self.ps, self.device))
+
+    def _mean_over_dp(self, loss: float) -> float:
+        """Mean over DP ranks of this rank's loss (each already a mean over its micro-batches)."""
         mean = torch.tensor([loss], dtype=torch.float64, device=self.device)
-        comm.all_reduce(mean, self.ps.dp_group)           # mean over DP ranks (each already a micro-batch mean)
+        comm.all_reduce(mean, self.ps.dp_group)
         return float(mean.item()) / self.ps.dp_size
 
     def train_step(self) -> tuple[float, bool, Optional[float]]:
         for model in self.chunks:
             model.train()
-        self.optimizer.zero_grad()
-        loss = self._run_schedule(self.train_data, forward_only=False)
-        ok, grad_norm = self.optimizer.step()
+        if self.config.parallel.deepspeed:
+            loss, ok, grad_norm = self.optimizer.train_step(self.train_data.next_step(self.num_microbatches))
+            loss = self._mean_over_dp(loss)
+        else:
+            self.optimizer.zero_grad()
+            loss = self._run_schedule(self.train_data, forward_only=False)
+            ok, grad_norm = self.optimizer.step()
         self.consumed_samples += self.config.train.global_batch_size
         return loss, ok, grad_norm
 

@@ -110,14 +110,15 @@ def check_input_logits_untouched_and_reusable(group, r, n):
 
 
 def check_communication_is_per_token_scalars(group, r, n):
-    """Logits are never gathered: forward all-reduces 2 fp32 scalars per token (+ a MAX); backward nothing."""
+    """Logits are never gathered: forward all-reduces 2 fp32 scalars per token and one MAX; backward nothing."""
     shard = torch.randn(S, B, V // n, requires_grad=True)
     target = torch.randint(0, V, (S, B), generator=_gen(11))
     with comm.count_bytes() as fwd:
         loss = vocab_parallel_cross_entropy(shard, target, group)
     with comm.count_bytes() as bwd:
         loss.sum().backward()
-    assert dict(fwd) == {"all_reduce": int(2 * (n - 1) / n * 2 * S * B * 4)}, dict(fwd)
+    ring = 2 * (n - 1) / n
+    assert dict(fwd) == {"all_reduce": int(ring * 2 * S * B * 4), "all_reduce_max": int(ring * S * B * 4)}, dict(fwd)
     assert not bwd, dict(bwd)
 
 
