@@ -219,6 +219,14 @@ def num_microbatches(config: Config, dp_size: int) -> int:
     return t.global_batch_size // (t.micro_batch_size * dp_size)
 
 
+def num_model_chunks(config: Config) -> int:
+    """Model chunks per pipeline rank: 1, or layers / (PP x layers per virtual stage) for interleaving."""
+    p = config.parallel
+    if not p.num_layers_per_virtual_pipeline_stage:
+        return 1
+    return config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+
+
 def validate(config: Config, world_size: int) -> None:
     """Check every size constraint, naming the offending numbers; raises ConfigError before any allocation."""
     m, p, t, o, d = config.model, config.parallel, config.train, config.optim, config.data

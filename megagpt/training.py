@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.arguments import Config, ConfigError, data_prefixes, num_microbatches, validate
+from megagpt.arguments import Config, ConfigError, data_prefixes, num_microbatches, num_model_chunks, validate
 from megagpt.checkpoint.sharded import load_checkpoint, save_checkpoint, set_rng_state
 from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks
-from megagpt.optim.builder import TrainingOptimizer, build_optimizer
+from megagpt.optim.builder import TrainingOptimizer
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
@@ -104,9 +104,7 @@ class Trainer:
     def __init__(self, config: Config, ps: ParallelState, device: torch.device, launch: LaunchEnv) -> None:
         self.config, self.ps, self.device = config, ps, device
         p = config.parallel
-        self.num_chunks = 1
-        if p.num_layers_per_virtual_pipeline_stage:
-            self.num_chunks = config.model.num_layers // (ps.pp_size * p.num_layers_per_virtual_pipeline_stage)
+        self.num_chunks = num_model_chunks(config)
         self.tracker = tp_random.model_parallel_seed(config.train.seed, ps.tp_rank, ps.pp_rank, device)
         self.chunks: list[GPTModel] = build_model_chunks(
             config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=self.num_chunks,
@@ -116,8 +114,7 @@ class Trainer:
             from megagpt.optim.deepspeed_backend import DeepSpeedTrainer  # optional dependency
             self.optimizer = DeepSpeedTrainer(config, self.chunks[0], ps.dp_size, self.num_microbatches)
         else:
-            self.optimizer: TrainingOptimizer = build_optimizer(config, self.chunks, ps)
-            self.optimizer.num_microbatches = self.num_microbatches
+            self.optimizer: TrainingOptimizer = TrainingOptimizer(config, self.chunks, ps)
         self.consumed_samples = 0
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.train_data = self.valid_data = None
@@ -226,10 +223,7 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
         torch.set_num_threads(config.train.num_threads)
     launch, device = init_distributed(config.parallel.distributed_backend)
     p = config.parallel
-    vp = None
-    if p.num_layers_per_virtual_pipeline_stage:
-        vp = config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
-    ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vp)
+    ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config))
     comm.all_reduce(torch.zeros(1, device=device), ps.pp_group)  # NCCL: every rank joins a group before its p2p
     trainer = Trainer(config, ps, device, launch)
     rng_state = trainer.load(config.train.load) if config.train.load else None
@@ -299,7 +293,7 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
 def config_for_test(**overrides) -> Config:
     """A small Config for tests and demos: keyword names are field names of any section."""
     config = Config()
-    sections = [config.model, config.parallel, config.optim, config.train, config.data]
+    sections = [getattr(config, f.name) for f in dataclasses.fields(config)]
     for key, value in overrides.items():
         owner = next((s for s in sections if key in {f.name for f in dataclasses.fields(s)}), None)
         if owner is None:

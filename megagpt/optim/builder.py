@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from megagpt.arguments import Config
+from megagpt.arguments import Config, num_microbatches
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
 from megagpt.optim.lr_schedule import LRScheduler
 from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
@@ -34,7 +34,7 @@ class TrainingOptimizer:
                                        param_names={param: name for name, param in named})
         self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
                                      o.lr_decay_iters or t.train_iters, o.lr_decay_style)
-        self.num_microbatches = 1
+        self.num_microbatches = num_microbatches(config, ps.dp_size)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -69,7 +69,3 @@ class TrainingOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_optimizer(config: Config, chunks: list[nn.Module], ps: ParallelState) -> TrainingOptimizer:
-    return TrainingOptimizer(config, chunks, ps)
