@@ -272,17 +272,17 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
                 print(format_log_line(stats), flush=True)
             board.iteration(stats)
             window_start, window_losses, window_iters = time.perf_counter(), [], 0
+        paused_at = time.perf_counter()  # evaluation and saving are left out of the per-iteration time
         if trainer.datasets[1] is not None and t.eval_interval and iteration % t.eval_interval == 0:
             val = trainer.evaluate()  # every rank joins: middle stages run the schedule without data
             result.validation_losses.append(val)
             if is_logger:
                 print(format_validation_line(iteration, val), flush=True)
             board.validation(iteration, val)
-            window_start = time.perf_counter()
         if t.save and t.save_interval and iteration % t.save_interval == 0:
             trainer.save(t.save, iteration)
             last_saved = iteration
-            window_start = time.perf_counter()
+        window_start += time.perf_counter() - paused_at
     if t.save and last_saved < t.train_iters:
         trainer.save(t.save, t.train_iters)
     result.consumed_samples = trainer.consumed_samples
