@@ -152,12 +152,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Vocabulary padded to a multiple of divisible_by * TP, so every TP shard is equal and GEMM-friendly."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
 def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
     """Parameter count of the GPT model (tied embeddings counted once)."""
     h, L, f = model.hidden_size, model.num_layers, model.ffn_size

@@ -1,8 +1,8 @@
 """Config parsing, presets and validation messages (no processes)."""
 import pytest
 
-from megagpt.arguments import (PRESETS, Config, ConfigError, ModelConfig, num_parameters, padded_vocab_size,
-                               parse_args, validate)
+from megagpt.arguments import PRESETS, Config, ConfigError, ModelConfig, num_parameters, parse_args, validate
+from megagpt.parallel.layers import pad_vocab_size
 
 
 def _valid(**model) -> Config:
@@ -51,9 +51,9 @@ def test_megatron_8b_preset_is_8_3_billion():
 
 
 def test_vocab_padding():
-    assert padded_vocab_size(50257, 128, 1) == 50304
-    assert padded_vocab_size(50257, 128, 2) == 50432
-    assert padded_vocab_size(512, 128, 4) == 512
+    assert pad_vocab_size(50257, 1, 128) == 50304
+    assert pad_vocab_size(50257, 2, 128) == 50432
+    assert pad_vocab_size(512, 4, 128) == 512
 
 
 def test_valid_config_passes():

@@ -10,12 +10,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from megagpt.arguments import ModelConfig, padded_vocab_size
+from megagpt.arguments import ModelConfig
 from megagpt.model.transformer import LayerNorm, TransformerLayer, seeded_normal_init
 from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megagpt.parallel.layers import VocabParallelEmbedding
+from megagpt.parallel.layers import VocabParallelEmbedding, pad_vocab_size
 from megagpt.parallel.state import ParallelState
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -77,7 +77,7 @@ class GPTModel(nn.Module):
             raise ValueError("ModelConfig.vocab_size is not set (it comes from the tokenizer)")
         self.cfg, self.ps = cfg, ps
         self.pre_process, self.post_process, self.sequence_parallel = pre_process, post_process, sequence_parallel
-        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ps.tp_size)
+        self.padded_vocab = pad_vocab_size(cfg.vocab_size, ps.tp_size, cfg.make_vocab_size_divisible_by)
         self.layer_ids = layer_ids
         if pre_process:
             self.embedding = Embedding(cfg, ps, seed, self.padded_vocab, sequence_parallel, tracker,
