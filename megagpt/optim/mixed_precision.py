@@ -212,8 +212,8 @@ class MixedPrecisionOptimizer:
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=c.lr, momentum=c.sgd_momentum)
-        # foreach: one multi-tensor kernel per op instead of a Python loop over params (the CPU default)
-        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, foreach=True)
+        # fused: one pass over each tensor (CPU and CUDA kernels); foreach makes ~7 passes with temporaries
+        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, fused=True)
 
     @property
     def param_groups(self) -> list[dict]:
