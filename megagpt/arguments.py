@@ -262,10 +262,13 @@ def validate(config: Config, world_size: int) -> None:
             problems.append(f"--deepspeed runs data parallelism only: got tensor-model-parallel-size {tp}, "
                             f"pipeline-model-parallel-size {pp}, use-distributed-optimizer "
                             f"{p.use_distributed_optimizer} (use the native ZeRO path for 3D parallelism)")
-        if t.save or t.load:
-            problems.append("--save/--load are not supported with --deepspeed yet (native checkpoints only)")
         if p.deepspeed_config and not os.path.exists(p.deepspeed_config):
             problems.append(f"deepspeed config {p.deepspeed_config} does not exist")
+    if t.load:
+        from megagpt.optim.deepspeed_backend import checkpoint_format_problem  # lazy: it imports this module
+        problem = checkpoint_format_problem(t.load, p.deepspeed)
+        if problem:
+            problems.append(problem)
     if o.bf16 and o.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
     if not d.mock_data and not d.data_path:

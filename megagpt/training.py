@@ -122,13 +122,20 @@ class Trainer:
 
     def save(self, directory: str, iteration: int) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it)."""
-        save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
-                        self.consumed_samples)
+        if self.config.parallel.deepspeed:
+            self.optimizer.save_checkpoint(directory, iteration, self.config, self.ps, self.tracker,
+                                           self.consumed_samples)
+        else:
+            save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
+                            self.consumed_samples)
 
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
         to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
-        loaded = load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
+        if self.config.parallel.deepspeed:
+            loaded = self.optimizer.load_checkpoint(directory, self.config, self.ps)
+        else:
+            loaded = load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
         return loaded.rng_state
 
@@ -204,7 +211,7 @@ def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
     if ps.rank == 0:
         print(f"megagpt: world {ps.world_size} = TP {ps.tp_size} x PP {ps.pp_size} x DP {ps.dp_size}; "
               f"{trainer.num_microbatches} micro-batches per step; config:\n{config.to_json()}", flush=True)
-    n = sum(p.numel() for m in trainer.chunks for p in m.parameters())
+    n = sum(getattr(p, "ds_numel", p.numel()) for m in trainer.chunks for p in m.parameters())  # ZeRO-3: full size
     mem = trainer.optimizer.memory_bytes()
     line = (f" > rank {ps.rank} (tp {ps.tp_rank}, pp {ps.pp_rank}, dp {ps.dp_rank}): {n:,} parameters | "
             + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))

@@ -4,18 +4,50 @@ DeepSpeed owns data parallelism here (ZeRO stages 1-3, CPU offload); megagpt sup
 param groups (no decay on biases/LayerNorm) and the LR schedule. Batch sizes, gradient accumulation, precision
 and clipping are written into the DeepSpeed config from megagpt's flags so the two can never disagree.
 Imported only when --deepspeed is given: DeepSpeed is not a dependency of the native path.
+
+ZeRO-3: the model is built in full on every rank (megagpt's per-name seeded init, so identical everywhere) and
+`deepspeed.initialize` partitions it afterwards; it is never built under `deepspeed.zero.Init`, whose
+per-rank construction would bypass that init. Peak memory at start-up is therefore one full model per rank.
+
+CPU offload (`"offload_optimizer": {"device": "cpu"}`) keeps megagpt's torch AdamW (`zero_force_ds_cpu_optimizer`
+is set false): it is the native path's update kernel, so offload changes where the step runs, not its arithmetic.
+DeepSpeedCPUAdam rounds differently (bias corrections in float32, `sqrt(v) * (1/sqrt(bc2))` instead of
+`sqrt(v) / sqrt(bc2)`, fused multiply-adds: about one ulp per step) and needs a C++ JIT build (~100 s on 2 cores).
+
+Checkpoints (`--save/--load`) are DeepSpeed's own layout, so DeepSpeed tools (zero_to_fp32.py) read them:
+```
+latest                              tag of the newest complete checkpoint; written by megagpt, last
+global_step{N}/
+  mp_rank_00_model_states.pt        DeepSpeed: module + client state (iteration, samples, LR schedule, config)
+  *_optim_states.pt                 DeepSpeed: each DP rank's ZeRO shard
+  metadata.json                     megagpt: format, iteration, layout, config (checked before any shard is read)
+  rng_rank{r:05d}.pt                megagpt: every rank's RNG states
+```
+DeepSpeed writes `latest` from rank 0 without waiting for the other ranks' shards, and writes files in place;
+so megagpt saves under a temporary tag, renames the directory once every rank is done, then writes `latest`.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from megagpt.arguments import Config
+from megagpt.checkpoint.sharded import (METADATA_FILE, TRACKER_FILE, CheckpointError, LoadedCheckpoint,
+                                        atomic_torch_save, atomic_write_text, check_compatible, get_rng_state,
+                                        layout_of)
 from megagpt.optim.lr_schedule import LRScheduler
 from megagpt.optim.mixed_precision import uses_weight_decay
+from megagpt.parallel import random as tp_random
+from megagpt.parallel.state import ParallelState
+
+DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint and zero_to_fp32.py
+DS_FORMAT = "deepspeed"
 
 
 def deepspeed_config(config: Config, dp_size: int, num_microbatches: int) -> dict:
@@ -28,7 +60,8 @@ def deepspeed_config(config: Config, dp_size: int, num_microbatches: int) -> dic
     ds.pop("scheduler", None)
     ds.update(train_micro_batch_size_per_gpu=config.train.micro_batch_size,
               gradient_accumulation_steps=num_microbatches, train_batch_size=config.train.global_batch_size,
-              gradient_clipping=config.optim.clip_grad)
+              gradient_clipping=config.optim.clip_grad,
+              zero_force_ds_cpu_optimizer=False)   # offload keeps torch AdamW: see the module docstring
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": config.optim.bf16}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": config.optim.fp16}
     if config.optim.fp16:
@@ -38,6 +71,35 @@ def deepspeed_config(config: Config, dp_size: int, num_microbatches: int) -> dic
         ds["fp16"].setdefault("min_loss_scale", config.optim.min_loss_scale)
     ds.setdefault("zero_optimization", {"stage": 1})
     return ds
+
+
+def checkpoint_tag(iteration: int) -> str:
+    return f"global_step{iteration}"   # DeepSpeed's default tag
+
+
+def checkpoint_format_problem(directory: str, deepspeed: bool) -> Optional[str]:
+    """Why `--load directory` cannot resume under this backend, judged by the tracker files present (None: fine,
+    or nothing to judge yet; a missing checkpoint is reported by the loader)."""
+    native = os.path.isfile(os.path.join(directory, TRACKER_FILE))
+    ds = os.path.isfile(os.path.join(directory, DS_TRACKER))
+    if deepspeed and native and not ds:
+        return (f"--load {directory} holds a native megagpt checkpoint ({TRACKER_FILE}) but --deepspeed was given: "
+                f"resume it without --deepspeed")
+    if not deepspeed and ds and not native:
+        return (f"--load {directory} holds a DeepSpeed checkpoint ('{DS_TRACKER}' file) but --deepspeed was not "
+                f"given: resume it with --deepspeed --deepspeed-config")
+    return None
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file under `folder` and the folders themselves (DeepSpeed's torch.save does not fsync)."""
+    for root, _, files in os.walk(folder):
+        for path in [os.path.join(root, f) for f in files] + [root]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class DeepSpeedTrainer:
@@ -51,9 +113,10 @@ class DeepSpeedTrainer:
         no_decay = [p for p in model.parameters() if not uses_weight_decay(p)]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config, dp_size, num_microbatches))
+                                      lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, foreach=True)
+        self.ds_config = deepspeed_config(config, dp_size, num_microbatches)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
         self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
                                      o.lr_decay_iters or config.train.train_iters, o.lr_decay_style)
 
@@ -81,6 +144,74 @@ class DeepSpeedTrainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of this rank's model params (DeepSpeed keeps its own, partitioned, grad and optimizer buffers)."""
-        params = sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
-        return {"params": params}
+        """Bytes of this rank's model params: its ZeRO-3 partitions, else whole params (DeepSpeed keeps its own
+        grad and optimizer buffers)."""
+        local = lambda p: p.ds_tensor if hasattr(p, "ds_tensor") else p  # noqa: E731
+        return {"params": sum(local(p).numel() * p.element_size() for p in self.engine.module.parameters())}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str, iteration: int, config: Config, ps: ParallelState,
+                        tracker: tp_random.RNGStatesTracker, consumed_samples: int) -> str:
+        """Write the checkpoint of `iteration` (collective) and point `latest` at it only once it is complete.
+
+        DeepSpeed writes under a temporary tag; after a barrier rank 0 flushes it, renames it to its final tag
+        (an older checkpoint of the same tag is moved aside first and deleted after), then writes `latest`.
+        Returns the checkpoint's directory."""
+        tag, tmp_tag = checkpoint_tag(iteration), f".tmp-{checkpoint_tag(iteration)}"
+        final, tmp = os.path.join(directory, tag), os.path.join(directory, tmp_tag)
+        if ps.rank == 0 and os.path.isdir(tmp):
+            shutil.rmtree(tmp)                          # left by a crashed save: never pointed to
+        dist.barrier()
+        rng = get_rng_state(tracker)
+        client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "config": config.to_dict(),
+                        "opt_param_scheduler": self.scheduler.state_dict(), "rng_state": rng}
+        self.engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
+        atomic_torch_save(rng, os.path.join(tmp, f"rng_rank{ps.rank:05d}.pt"))
+        if ps.rank == 0:
+            meta = {"format": DS_FORMAT, "iteration": iteration, "consumed_samples": consumed_samples,
+                    "layout": layout_of(ps, 1, False), "config": config.to_dict(), "deepspeed_config": self.ds_config}
+            atomic_write_text(json.dumps(meta, indent=1, sort_keys=True), os.path.join(tmp, METADATA_FILE))
+        dist.barrier()                                  # every rank's files are in the temporary tag
+        if ps.rank == 0:
+            _fsync_tree(tmp)
+            old = os.path.join(directory, f".old-{tag}")
+            if os.path.isdir(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            atomic_write_text(tag, os.path.join(directory, DS_TRACKER))   # fsyncs the renames too
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+        dist.barrier()                                  # `latest` is visible to every rank on return
+        return final
+
+    def load_checkpoint(self, directory: str, config: Config, ps: ParallelState) -> LoadedCheckpoint:
+        """Restore the checkpoint `latest` names: module, ZeRO shards and LR schedule in place; returns iteration,
+        consumed samples and this rank's RNG states. Layout and model shape are checked from metadata.json first."""
+        tracker_path = os.path.join(directory, DS_TRACKER)
+        if not os.path.isfile(tracker_path):
+            raise CheckpointError(f"no '{DS_TRACKER}' file in {directory!r}: no complete DeepSpeed checkpoint there")
+        tag = open(tracker_path).read().strip()
+        folder = os.path.join(directory, tag)
+        meta_path = os.path.join(folder, METADATA_FILE)
+        if not os.path.isfile(meta_path):
+            raise CheckpointError(f"'{DS_TRACKER}' in {directory!r} names {tag!r}, which has no {METADATA_FILE}")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != DS_FORMAT:
+            raise CheckpointError(f"{meta_path} is not a megagpt DeepSpeed checkpoint (format {meta.get('format')!r})")
+        here = layout_of(ps, 1, False)
+        if meta["layout"] != here:
+            raise CheckpointError(f"DeepSpeed checkpoint {folder!r} was saved with layout {meta['layout']} but this "
+                                  f"run uses {here}: DeepSpeed reloads ZeRO shards only under the same layout")
+        check_compatible(meta, config, ps, 1)           # model shape, before any shard is read
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {folder!r}")
+        self.scheduler.load_state_dict(client_state["opt_param_scheduler"])
+        rng_path = os.path.join(folder, f"rng_rank{ps.rank:05d}.pt")
+        if not os.path.isfile(rng_path):
+            raise CheckpointError(f"checkpoint shard {rng_path} is missing")
+        rng = torch.load(rng_path, map_location="cpu", weights_only=False)
+        return LoadedCheckpoint(iteration=int(client_state["iteration"]),
+                                consumed_samples=int(client_state["consumed_samples"]), rng_state=rng)
