@@ -137,11 +137,13 @@ class GPTModel(nn.Module):
     def _mask_vocab_padding_(self, logits: torch.Tensor) -> None:
         """Padding rows never win the softmax: logits of ids >= vocab_size are set to -inf, so every padded size
         (and every TP size) gives the loss of the unpadded vocabulary (and Hugging Face's GPT-2 logits). In place
-        on the padding columns only: linear's backward does not need its output, and their grad is zero."""
+        on the padding columns only, and outside autograd: linear's backward does not need its output, the loss's
+        grad there is exp(-inf) = 0 already, and a recorded write would make backward clone the whole logits grad."""
         shard = logits.size(-1)
         first_pad = self.cfg.vocab_size - self.ps.tp_rank * shard
         if first_pad < shard:
-            logits[..., max(first_pad, 0):] = float("-inf")
+            with torch.no_grad():
+                logits[..., max(first_pad, 0):] = float("-inf")
 
 
 def build_model_chunks(cfg: ModelConfig, ps: ParallelState, *, seed: int, tracker: tp_random.RNGStatesTracker,

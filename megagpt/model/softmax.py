@@ -208,10 +208,15 @@ class FusedScaleMaskSoftmax(nn.Module):
         x = scores
         if self.softmax_in_fp32 and x.dtype in _KERNEL_DTYPES:
             x = x.float()
-        if self.scale is not None:
-            x = x * self.scale
-        if masked is not None:
-            x = x.masked_fill(masked, float("-inf"))
+        if masked is not None and not may_have_empty_rows:
+            # causal: scale and mask in one pass, bias + scale * x (one multiply in backward, no masked copy)
+            bias = torch.zeros(masked.shape, dtype=x.dtype, device=x.device).masked_fill_(masked, float("-inf"))
+            x = torch.add(bias, x, alpha=1.0 if self.scale is None else self.scale)
+        else:
+            if self.scale is not None:
+                x = x * self.scale
+            if masked is not None:  # masked_fill's backward zeroes the NaN grads of rows with no visible key
+                x = x.masked_fill(masked, float("-inf"))
         probs = torch.softmax(x, dim=-1)  # [b, np, sq, sk]
         if may_have_empty_rows:
             probs = probs.masked_fill(masked, 0.0)  # fully masked rows are NaN after softmax: make them 0

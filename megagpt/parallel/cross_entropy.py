@@ -7,7 +7,8 @@ with label smoothing, the sum of logits) are stacked into one SUM all-reduce. Co
 therefore a few scalars instead of V/tp logits.
 
 Everything is computed in fp32, also for bf16/fp16 logits. The backward is the closed form
-`softmax - onehot(target)` on this rank's slice (no communication), scaled by the incoming gradient.
+`softmax - onehot(target)` on this rank's slice (no communication), scaled by the incoming gradient; the
+normalisation by the sum of exponentials is folded into that scaling (one pass over the logits fewer).
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             mean_neg_log_p = log_z - stats[2] / vocab
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_log_p
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))  # [s, b, v/tp]
-        ctx.save_for_backward(softmax, outside, local_target)
+        # exp / sum_exp is the softmax; the division is left to backward, where it joins the scaling by grad_loss
+        ctx.save_for_backward(exp, sum_exp, outside, local_target)
         ctx.label_smoothing, ctx.vocab, ctx.input_dtype = label_smoothing, vocab, logits.dtype
         ctx.used = False
         return loss
@@ -63,17 +64,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.used:
-            raise RuntimeError("vocab_parallel_cross_entropy backward reuses its saved softmax in place and can "
+            raise RuntimeError("vocab_parallel_cross_entropy backward reuses its saved exponentials in place and can "
                                "run only once (retain_graph double backward is not supported)")
         ctx.used = True
-        softmax, outside, local_target = ctx.saved_tensors
-        grad = softmax  # [s, b, v/tp], updated in place: saves one logits-sized buffer
-        on_target = (1.0 - ctx.label_smoothing) * (~outside).to(grad.dtype)  # [s, b], 0 where not owned
-        # subtract (1 - eps) at the target column owned by this rank
+        exp, sum_exp, outside, local_target = ctx.saved_tensors
+        g = grad_loss.float()  # [s, b]
+        grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # softmax * g, in place: saves one logits-sized buffer
+        on_target = (1.0 - ctx.label_smoothing) * (~outside).to(grad.dtype) * g  # [s, b], 0 where not owned
+        # subtract (1 - eps) * g at the target column owned by this rank
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -on_target.unsqueeze(-1))
         if ctx.label_smoothing > 0:
-            grad.sub_(ctx.label_smoothing / ctx.vocab)
-        grad.mul_(grad_loss.float().unsqueeze(-1))
+            grad.sub_((ctx.label_smoothing / ctx.vocab) * g.unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
 
 
@@ -84,7 +85,7 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     vocab_parallel_logits: [s, b, v/tp] this rank's vocabulary slice; target: [s, b] global vocabulary ids.
     `label_smoothing` follows F.cross_entropy (the smoothed mass is spread over all V classes), so it needs
     finite logits; without it, -inf logits (masked vocabulary padding, even a whole shard) are fine.
-    The input logits are not modified. The backward reuses the saved softmax in place and runs once.
+    The input logits are not modified. The backward reuses the saved exponentials in place and runs once.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
