@@ -91,6 +91,10 @@ def test_batch_and_interleaving_checks():
     c.train.global_batch_size = 6  # 3 micro-batches, not a multiple of PP 4
     with pytest.raises(ConfigError, match=r"micro-batches per step \(3\) to be a multiple of pipeline"):
         validate(c, world_size=4)
+    c = _valid(num_layers=8)
+    c.parallel.num_layers_per_virtual_pipeline_stage = 4   # 2 chunks on a single stage
+    with pytest.raises(ConfigError, match="--num-layers-per-virtual-pipeline-stage needs pipeline-model-parallel"):
+        validate(c, world_size=1)
 
 
 def test_missing_data_files_are_named(tmp_path):

@@ -74,32 +74,6 @@ def group_steps(instrs: list[Instr]) -> list[Step]:
     return steps
 
 
-def validate_pipeline_config(num_layers: int, pp_size: int, num_microbatches: int,
-                             layers_per_virtual_stage: Optional[int] = None) -> int:
-    """Raise ValueError naming the numbers when the layers or micro-batches cannot be pipelined as asked.
-
-    Returns the number of model chunks per rank (1 without interleaving).
-    """
-    for name, value in (("num-layers", num_layers), ("pipeline-model-parallel-size", pp_size),
-                        ("number of micro-batches", num_microbatches)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if num_layers % pp_size != 0:
-        raise ValueError(f"num-layers {num_layers} is not divisible by pipeline-model-parallel-size {pp_size}")
-    if layers_per_virtual_stage is None:
-        return 1
-    if layers_per_virtual_stage < 1:
-        raise ValueError(f"num-layers-per-virtual-pipeline-stage must be >= 1, got {layers_per_virtual_stage}")
-    if num_layers % (pp_size * layers_per_virtual_stage) != 0:
-        raise ValueError(
-            f"num-layers {num_layers} is not divisible by pipeline-model-parallel-size {pp_size} x "
-            f"num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} = {pp_size * layers_per_virtual_stage}")
-    num_chunks = num_layers // (pp_size * layers_per_virtual_stage)
-    if num_chunks > 1:
-        _check_interleaving(num_microbatches, pp_size, num_chunks)
-    return num_chunks
-
-
 def _check_interleaving(num_microbatches: int, pp_size: int, num_chunks: int) -> None:
     if pp_size < 2:
         raise ValueError(f"interleaving ({num_chunks} model chunks per rank) needs "
