@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Union
 
 COMPUTE_OPS = ("forward", "backward")
 COMM_OPS = ("recv_forward", "send_forward", "recv_backward", "send_backward")
