@@ -140,6 +140,24 @@ class _TokenizerSpec:
         return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file, self.tokenizer_model)
 
 
+def parse_json_line(raw: bytes, keys: Sequence[str]) -> tuple[list[str], Optional[str]]:
+    """The string values of `keys` in one JSON-lines record, or ([], why the line is unusable)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return [], "invalid UTF-8"
+    except ValueError:
+        return [], "malformed JSON"
+    if not isinstance(obj, dict):
+        return [], f"not a JSON object ({type(obj).__name__})"
+    for key in keys:
+        if key not in obj:
+            return [], f"missing key {key!r}"
+        if not isinstance(obj[key], str):
+            return [], f"key {key!r} is not a string ({type(obj[key]).__name__})"
+    return [obj[key] for key in keys], None
+
+
 class _Encoder:
     """Turns a chunk of raw lines into token arrays; one per worker process (or the main one)."""
 
@@ -170,30 +188,13 @@ class _Encoder:
                 continue
             n_lines += 1
             line_no = chunk.first_line + offset
-            reason = None
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                reason = "invalid UTF-8"
-            except ValueError:
-                reason = "malformed JSON"
-            else:
-                if not isinstance(obj, dict):
-                    reason = f"not a JSON object ({type(obj).__name__})"
-                else:
-                    for key in self.keys:
-                        if key not in obj:
-                            reason = f"missing key {key!r}"
-                        elif not isinstance(obj[key], str):
-                            reason = f"key {key!r} is not a string ({type(obj[key]).__name__})"
-                        if reason:
-                            break
+            values, reason = parse_json_line(raw, self.keys)
             if reason:
                 bad.append((chunk.path_index, line_no, reason))
                 continue
             line_nos.append(line_no)
-            for k, key in enumerate(self.keys):
-                texts[k].append(obj[key])
+            for k, value in enumerate(values):
+                texts[k].append(value)
 
         keep = [True] * len(line_nos)
         ids_per_key = []

@@ -218,6 +218,38 @@ class ByteTokenizer(Tokenizer):
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str, min_frequency: int = 2,
+                        show_progress: bool = True) -> "GPT2BPETokenizer":
+    """Train a GPT-2-style byte-level BPE (same pre-tokenizer regex, `<|endoftext|>` as eod) on `texts`.
+
+    Writes `vocab.json` + `merges.txt` (for `--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file`) and
+    `tokenizer.json` (for `HuggingFaceTokenizer`) into `output_dir`, which must not exist yet: everything goes
+    to a temporary sibling directory renamed at the end, so an interrupted run leaves nothing half-written.
+    """
+    import tempfile
+
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab size {vocab_size} is below 257 (256 byte symbols + <|endoftext|>)")
+    if os.path.exists(output_dir):
+        raise FileExistsError(f"{output_dir} already exists; choose a new directory (nothing is overwritten)")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                  special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    hf.model.save(tmp)                                   # vocab.json, merges.txt
+    hf.save(os.path.join(tmp, "tokenizer.json"))
+    os.rename(tmp, output_dir)
+    return GPT2BPETokenizer(os.path.join(output_dir, "vocab.json"), os.path.join(output_dir, "merges.txt"))
+
+
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_file: str | None = None,
                     tokenizer_model: str | None = None) -> Tokenizer:
     """Megatron-style factory: `tokenizer_type` is one of TOKENIZER_TYPES (ValueError lists them otherwise)."""
