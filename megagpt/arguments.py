@@ -65,7 +65,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = arg(False, "launch each grad bucket's DP reduction as soon as it is ready")
     ddp_bucket_size: int = arg(40_000_000, "elements per gradient bucket")
     distributed_backend: Optional[str] = arg(None, "nccl or gloo (default: nccl with CUDA, else gloo)")
-    deepspeed: bool = arg(False, "hand the model to deepspeed.initialize (ZeRO 1-3, offload; TP = PP = 1)")
+    deepspeed: bool = arg(False, "hand the model to deepspeed.initialize (ZeRO 1-3, offload; TP x DP, PP = 1)")
     deepspeed_config: Optional[str] = arg(None, "DeepSpeed JSON config (batch sizes and precision are set from ours)")
 
 
@@ -148,6 +148,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-355m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
     "gpt2-774m": dict(num_layers=36, hidden_size=1280, num_attention_heads=20),
     "gpt2-1.5b": dict(num_layers=48, hidden_size=1600, num_attention_heads=25),
+    "gpt-1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16),   # GPT-3 XL depth/width
     "megatron-8.3b": dict(num_layers=72, hidden_size=3072, num_attention_heads=32),
 }
 
@@ -258,10 +259,15 @@ def validate(config: Config, world_size: int) -> None:
         problems.append(f"interleaved schedule needs micro-batches per step ({num_microbatches(config, dp)}) to be a "
                         f"multiple of pipeline-model-parallel-size {pp}")
     if p.deepspeed:
-        if tp != 1 or pp != 1 or p.use_distributed_optimizer:
-            problems.append(f"--deepspeed runs data parallelism only: got tensor-model-parallel-size {tp}, "
-                            f"pipeline-model-parallel-size {pp}, use-distributed-optimizer "
-                            f"{p.use_distributed_optimizer} (use the native ZeRO path for 3D parallelism)")
+        if pp != 1:
+            problems.append(f"--deepspeed runs tensor and data parallelism only, got pipeline-model-parallel-size "
+                            f"{pp}: pipelining under DeepSpeed needs its PipelineModule (use the native path for PP)")
+        if p.use_distributed_optimizer:
+            problems.append("--deepspeed and --use-distributed-optimizer both shard the optimizer: the ZeRO stage "
+                            "comes from the DeepSpeed config")
+        if p.sequence_parallel:
+            problems.append("--deepspeed does not run --sequence-parallel: its LayerNorm grads need the TP all-reduce "
+                            "of megagpt's native optimizer path")
         if p.deepspeed_config and not os.path.exists(p.deepspeed_config):
             problems.append(f"deepspeed config {p.deepspeed_config} does not exist")
     if t.load:

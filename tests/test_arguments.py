@@ -44,6 +44,12 @@ def test_gpt2_preset_parameter_counts(name, expected):
     assert num_parameters(ModelConfig(**PRESETS[name]), vocab_size=50257) == expected
 
 
+def test_gpt_1_3b_preset_is_1_3_billion():
+    # GPT-3 XL's depth and width (Brown et al. 2020, table 2.1: 24 layers, d_model 2048) with 128-dim heads.
+    n = num_parameters(ModelConfig(**PRESETS["gpt-1.3b"]), vocab_size=50257)
+    assert 1.28e9 < n < 1.35e9
+
+
 def test_megatron_8b_preset_is_8_3_billion():
     # Megatron-LM paper: 72 layers, hidden 3072, 32 heads, vocabulary 51200 -> 8.3B parameters.
     n = num_parameters(ModelConfig(**PRESETS["megatron-8.3b"]), vocab_size=51200)

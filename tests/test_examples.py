@@ -1,0 +1,29 @@
+"""The cluster example scripts' flags parse and pass validation at the world size each is written for."""
+import os
+import subprocess
+
+import pytest
+
+from megagpt.arguments import num_model_chunks, num_parameters, parse_args, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("size,world,layout,billions", [
+    ("124m", 8, (1, 1, 8), 0.124), ("1.3b", 16, (2, 1, 8), 1.3), ("8.3b", 64, (8, 2, 4), 8.3)])
+def test_cluster_example_flags_are_valid(size, world, layout, billions):
+    flags = subprocess.run(["bash", os.path.join(REPO, "examples", "gpt_args.sh"), size], check=True,
+                           capture_output=True, text=True).stdout.split()
+    config = parse_args(flags + ["--mock-data"])
+    validate(config, world_size=world)
+    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    assert (tp, pp, world // (tp * pp)) == layout
+    assert abs(num_parameters(config.model, vocab_size=50257) / 1e9 - billions) < 0.05 * billions
+    if size == "8.3b":
+        assert num_model_chunks(config) == 2 and config.parallel.sequence_parallel
+
+
+def test_unknown_example_size_is_refused():
+    run = subprocess.run(["bash", os.path.join(REPO, "examples", "gpt_args.sh"), "7b"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "unknown model size 7b" in run.stderr
