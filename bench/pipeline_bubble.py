@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _common import free_port, print_table
 from megagpt.parallel import comm
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.executor import forward_backward
@@ -93,17 +93,11 @@ def _worker(rank: int, world: int, port: int, cases: list, t_fwd: float, repeats
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(pp: int, cases: list, t_fwd: float, repeats: int) -> dict:
     """Spawn `pp` gloo ranks, measure every case; returns {(name, m): [(wall, busy) per rank]}."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, pp, port, cases, t_fwd, repeats, queue)) for r in range(pp)]
     for p in procs:
         p.start()
@@ -127,9 +121,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     v = args.chunks
-    print(f"# t_f = {args.forward_ms:.0f} ms per stage, t_b = 2 t_f, interleaved v = {v}, "
-          f"median of {args.repeats} steps, gloo on CPU")
-    print(f"{'schedule':<12} {'p':>2} {'m':>3} {'step ms':>8} {'ideal ms':>8} {'bubble':>7} {'theory':>7} {'diff':>6}")
+    rows = []
     with open(LOCK_PATH, "w") as lock:   # never time while distributed tests share the cores
         fcntl.flock(lock, fcntl.LOCK_EX)
         for pp in args.pp:
@@ -142,8 +134,11 @@ def main() -> None:
                 bubble = statistics.mean(1 - busy / wall for _, busy in ranks.values())
                 theory = (pp - 1) / (chunks * m + pp - 1)
                 ideal = (m + (pp - 1) / chunks) * 3 * args.forward_ms
-                print(f"{name:<12} {pp:>2} {m:>3} {wall * 1000:>8.1f} {ideal:>8.1f} {bubble:>7.3f} {theory:>7.3f} "
-                      f"{bubble - theory:>+6.3f}")
+                rows.append((name, pp, m, f"{wall * 1000:.1f}", f"{ideal:.1f}", f"{bubble:.3f}", f"{theory:.3f}",
+                             f"{bubble - theory:+.3f}"))
+    print_table(("schedule", "p", "m", "step ms", "ideal ms", "bubble", "theory", "diff"), rows,
+                title=f"# t_f = {args.forward_ms:.0f} ms per stage, t_b = 2 t_f, interleaved v = {v}, "
+                      f"median of {args.repeats} steps, gloo on CPU")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, print_table
+
+ROOT = str(REPO)
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
 MEGATRON = {"startup_s": 7.0, 1: 2.5, 2: 4.3}
 
@@ -86,7 +88,6 @@ def run_tool(corpus: str, workers: int, out_dir: str) -> dict:
 
 def tokenizer_strategies(corpus: str, limit_mb: float = 3.0) -> list[tuple[str, float]]:
     """Single-process MB/s of three ways to get GPT-2 ids for the same documents."""
-    sys.path.insert(0, ROOT)
     from megagpt.data.tokenizer import GPT2BPETokenizer
 
     texts, size = [], 0
@@ -127,22 +128,21 @@ def main() -> None:
                 dst.write(data)
         print(f"cores: {os.cpu_count()}   load average: {os.getloadavg()[0]:.1f}   corpus: {args.corpus}   "
               f"tokenizer: GPT2BPETokenizer, --append-eod   median of {args.repeats} runs\n")
-        header = (f"{'input':>12} {'workers':>7} {'docs':>7} {'MB':>7} {'start-up s':>10} {'steady MB/s':>11} "
-                  f"{'x Megatron':>10} {'tokens/s':>10} {'wall s':>7} {'peak RSS MB':>11}")
-        print(header)
-        print("-" * len(header))
+        rows = []
         for label, corpus in (("demo (1x)", args.corpus), (f"{args.copies}x", big)):
             for workers in (1, 2):
                 out = os.path.join(tmp, f"out-{workers}")
                 os.makedirs(out, exist_ok=True)
                 runs = sorted((run_tool(corpus, workers, out) for _ in range(args.repeats)), key=lambda r: r["mbs"])
                 r = runs[len(runs) // 2]
-                print(f"{label:>12} {workers:>7} {r['docs']:>7} {r['mb']:>7.1f} {r['startup']:>10.2f} "
-                      f"{r['mbs']:>11.2f} {r['mbs'] / MEGATRON[workers]:>9.1f}x {r['toks']:>10.0f} "
-                      f"{r['wall']:>7.2f} {r['rss_mb']:>11.0f}")
+                rows.append((label, workers, r["docs"], f"{r['mb']:.1f}", f"{r['startup']:.2f}", f"{r['mbs']:.2f}",
+                             f"{r['mbs'] / MEGATRON[workers]:.1f}x", f"{r['toks']:.0f}", f"{r['wall']:.2f}",
+                             f"{r['rss_mb']:.0f}"))
                 for f in os.listdir(out):
                     os.remove(os.path.join(out, f))
-        print(f"\nMegatron-LM reference: start-up {MEGATRON['startup_s']} s, {MEGATRON[1]} MB/s at 1 worker, "
+        print_table(("input", "workers", "docs", "MB", "start-up s", "steady MB/s", "x Megatron", "tokens/s",
+                     "wall s", "peak RSS MB"), rows)
+        print(f"Megatron-LM reference: start-up {MEGATRON['startup_s']} s, {MEGATRON[1]} MB/s at 1 worker, "
               f"{MEGATRON[2]} MB/s at 2, constant memory.")
     print("\nTokenization strategies, one process, same documents:")
     for name, mbs in tokenizer_strategies(args.corpus):

@@ -15,15 +15,13 @@ Without CUDA it prints why and times the PyTorch path on the CPU only (no kernel
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megagpt.model.softmax import FusedScaleMaskSoftmax, is_available, unavailable_reason  # noqa: E402
+import _common  # noqa: F401  (puts the repo root on sys.path)
+from megagpt.model.softmax import FusedScaleMaskSoftmax, is_available, unavailable_reason
 
 DEFAULT_SHAPES = "4x16x512x512,4x16x1024x1024,2x16x2048x2048,1x16x4096x4096,1x8x8192x8192,1x4x16384x16384"
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import sys
 from datetime import timedelta
 
 import torch
@@ -25,13 +23,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads  # noqa: E402
-from megagpt.optim.mixed_precision import OptimizerConfig  # noqa: E402
-from megagpt.optim.zero import build_dp_optimizer  # noqa: E402
-from megagpt.parallel import comm  # noqa: E402
-from megagpt.parallel.state import ParallelState  # noqa: E402
+from _common import free_port, print_table
+from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
+from megagpt.optim.mixed_precision import OptimizerConfig
+from megagpt.optim.zero import build_dp_optimizer
+from megagpt.parallel import comm
+from megagpt.parallel.state import ParallelState
 
 BUCKET = 1_000_000
 
@@ -78,9 +75,7 @@ def _worker(rank: int, world: int, port: int, args: tuple, queue) -> None:
 
 
 def run(world: int, *args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
@@ -106,10 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"toy model: {args.layers} x [Linear({args.hidden},{4 * args.hidden}) GELU Linear LayerNorm], "
           f"bucket {BUCKET:,} elements, gloo, bytes per rank after a step")
-    header = (f"{'dtype':>5} {'DP':>2} {'ZeRO':>4} | {'params MB':>9} {'grads MB':>9} {'optim MB':>9} | "
-              f"{'B/param':>7} {'formula':>7} | {'sent MB':>8} {'1 allreduce':>11} {'ratio':>5} | sent by kind")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for dp in (1, 2, 4):
             for zero in (0, 1, 2):
@@ -119,12 +111,14 @@ def main() -> None:
                 expected = sum(formula(dtype, zero, dp))
                 sent = sum(r["comm"].values())
                 allreduce = 2 * (dp - 1) / dp * r["buffer"] * 4
-                ratio = f"{sent / allreduce:5.2f}" if dp > 1 else "    -"
+                ratio = f"{sent / allreduce:.2f}" if dp > 1 else "-"
                 kinds = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(r["comm"].items())) or "-"
                 name = "bf16" if dtype == torch.bfloat16 else "fp32"
-                print(f"{name:>5} {dp:>2} {zero:>4} | {r['params'] / 1e6:9.2f} {r['grads'] / 1e6:9.2f} "
-                      f"{r['optimizer'] / 1e6:9.2f} | {per_param:7.2f} {expected:7.2f} | {sent / 1e6:8.2f} "
-                      f"{allreduce / 1e6:11.2f} {ratio} | {kinds}", flush=True)
+                rows.append((name, dp, zero, f"{r['params'] / 1e6:.2f}", f"{r['grads'] / 1e6:.2f}",
+                             f"{r['optimizer'] / 1e6:.2f}", f"{per_param:.2f}", f"{expected:.2f}",
+                             f"{sent / 1e6:.2f}", f"{allreduce / 1e6:.2f}", ratio, kinds))
+    print_table(("dtype", "DP", "ZeRO", "params MB", "grads MB", "optim MB", "B/param", "formula", "sent MB",
+                 "1 allreduce", "ratio", "sent by kind"), rows)
     print(f"parameters: {n:,}; grad buffer {r['buffer']:,} elements (padding {r['buffer'] - n:,})")
 
 
