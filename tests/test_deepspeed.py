@@ -1,4 +1,5 @@
-"""Optional DeepSpeed backend: ZeRO 1/2/3 and CPU offload at DP=2 train like the native single-rank run; exact resume.
+"""Optional DeepSpeed backend: ZeRO 1/2/3, CPU offload and TP=2 x DP=2 train like the native single-rank run;
+exact resume; a crash mid-save never moves `latest`.
 
 The single-rank reference is tests/test_training.py's (native path, same init, data and schedule): losses within
 rtol 1e-5 per step and final full weights (gathered under ZeRO-3) within 1e-5, as for every native layout.
@@ -15,6 +16,7 @@ import megagpt.training as training
 from distributed import run_distributed
 from megagpt.arguments import ConfigError, validate
 from megagpt.training import setup, train_loop
+from model_utils import gather_tp
 from test_training import _config, reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -44,45 +46,63 @@ def _ds_config(ds_path: str, **overrides):
     config = _config()
     config.parallel.deepspeed, config.parallel.deepspeed_config = True, ds_path
     for key, value in overrides.items():
-        section = next(s for s in (config.model, config.optim, config.train) if hasattr(s, key))
+        section = next(s for s in (config.model, config.parallel, config.optim, config.train) if hasattr(s, key))
         setattr(section, key, value)
     return config
 
 
 def _full_weights(trainer) -> dict:
-    """Full fp32 weights by name; ZeRO-3 partitions are gathered first (a no-op for stages 1 and 2)."""
+    """Full fp32 weights by name: ZeRO-3 partitions gathered over DP (a no-op for stages 1 and 2), then TP shards."""
     import deepspeed
     named = list(trainer.chunks[0].named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
-        return {n: p.detach().float().clone() for n, p in named}
+        return {n: gather_tp(p.float(), p, trainer.ps.tp_group) for n, p in named}
 
 
-def _train_deepspeed(ds_path: str):
-    config = _ds_config(ds_path)
-    trainer, ps = setup(config, log=False)
-    partitions = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in trainer.chunks[0].named_parameters()
-                  if hasattr(p, "ds_tensor")}
-    losses = train_loop(config, trainer, ps, log=False).losses
-    return losses, _full_weights(trainer), partitions, trainer.optimizer.engine.zero_cpu_offload()
+def _train_deepspeed(ds_paths: dict, tp: int) -> dict:
+    """Train each DeepSpeed config in turn in this one process group (one spawn for several cases)."""
+    out = {}
+    for case, ds_path in ds_paths.items():
+        config = _ds_config(ds_path, tensor_model_parallel_size=tp)
+        trainer, ps = setup(config, log=False)
+        partitions = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in trainer.chunks[0].named_parameters()
+                      if hasattr(p, "ds_tensor")}
+        losses = train_loop(config, trainer, ps, log=False).losses
+        out[case] = losses, _full_weights(trainer), partitions, trainer.optimizer.engine.zero_cpu_offload()
+    return out
+
+
+def _check_case(zero: dict, losses, weights, partitions, offload) -> None:
+    ref_losses, ref_weights = reference()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    assert offload == ("offload_optimizer" in zero)
+    if zero["stage"] == 3:   # every param (TP shard) really is split over DP=2: each rank holds half, rounded up
+        assert partitions.keys() == ref_weights.keys()
+        assert all(local == -(-full // 2) for local, full in partitions.values()), partitions
+    else:
+        assert partitions == {}
+    assert weights.keys() == ref_weights.keys()
+    for name, w in ref_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(ZERO))
-def test_deepspeed_dp2_matches_single_rank(tmp_path, case):
-    zero = ZERO[case]
-    results = run_distributed(_train_deepspeed, 2, _write_ds_json(tmp_path, zero))
-    ref_losses, ref_weights = reference()
-    for losses, weights, partitions, offload in results:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-        assert offload == ("offload_optimizer" in zero)
-        if zero["stage"] == 3:   # every param really is split: each rank holds half (rounded up)
-            assert partitions.keys() == ref_weights.keys()
-            assert all(local == -(-full // 2) for local, full in partitions.values()), partitions
-        else:
-            assert partitions == {}
-        assert weights.keys() == ref_weights.keys()
-        for name, w in ref_weights.items():
-            torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+@pytest.mark.parametrize("tp,cases", [(1, list(ZERO)), (2, ["zero1", "zero3"])], ids=["dp2", "tp2-dp2"])
+def test_deepspeed_matches_single_rank(tmp_path, tp, cases):
+    """Every case of the layout is checked and every failing one reported, by case name and rank."""
+    paths = {}
+    for case in cases:
+        (tmp_path / case).mkdir()
+        paths[case] = _write_ds_json(tmp_path / case, ZERO[case])
+    results = run_distributed(_train_deepspeed, 2 * tp, paths, tp)
+    errors = []
+    for rank, per_case in enumerate(results):
+        for case in cases:
+            try:
+                _check_case(ZERO[case], *per_case[case])
+            except AssertionError as exc:
+                errors.append(f"{case} rank {rank}: {exc}")
+    assert not errors, "\n".join(errors)
 
 
 TOTAL, FIRST = 4, 2
@@ -193,8 +213,12 @@ def test_checkpoint_format_mismatch_is_a_config_error(tmp_path):
     validate(config, world_size=2)
 
 
-def test_deepspeed_rejects_tensor_parallel():
-    config = _config(tp=2)
+def test_deepspeed_rejects_pipeline_sequence_parallel_and_native_zero():
+    config = _config(pp=2, sp=True, tp=2, zero=1)
     config.parallel.deepspeed = True
-    with pytest.raises(ConfigError, match="--deepspeed runs data parallelism only"):
-        validate(config, world_size=2)
+    with pytest.raises(ConfigError) as err:
+        validate(config, world_size=4)
+    for message in ("got pipeline-model-parallel-size 2: pipelining under DeepSpeed needs its PipelineModule",
+                    "--deepspeed and --use-distributed-optimizer both shard the optimizer",
+                    "--deepspeed does not run --sequence-parallel"):
+        assert message in str(err.value)

@@ -1,9 +1,13 @@
 """Optional DeepSpeed backend (`--deepspeed --deepspeed-config ds.json`) for users with existing DeepSpeed configs.
 
-DeepSpeed owns data parallelism here (ZeRO stages 1-3, CPU offload); megagpt supplies the model, the AdamW
-param groups (no decay on biases/LayerNorm) and the LR schedule. Batch sizes, gradient accumulation, precision
-and clipping are written into the DeepSpeed config from megagpt's flags so the two can never disagree.
-Imported only when --deepspeed is given: DeepSpeed is not a dependency of the native path.
+DeepSpeed owns data parallelism here (ZeRO stages 1-3, CPU offload); megagpt supplies the model (tensor
+parallel when TP > 1), the AdamW param groups (no decay on biases/LayerNorm) and the LR schedule. Batch sizes,
+gradient accumulation, precision and clipping are written into the DeepSpeed config from megagpt's flags so the two
+can never disagree. Imported only when --deepspeed is given: DeepSpeed is not a dependency of the native path.
+
+Tensor parallelism: DeepSpeed gets megagpt's process groups through its `mpu` protocol (`ParallelStateMPU`), so it
+reduces grads and partitions ZeRO state over the DP group only, and its grad norm sums TP-split params over the
+model-parallel group while counting replicated ones once (on model-parallel rank 0), like megagpt's clip.py.
 
 ZeRO-3: the model is built in full on every rank (megagpt's per-name seeded init, so identical everywhere) and
 `deepspeed.initialize` partitions it afterwards; it is never built under `deepspeed.zero.Init`, whose
@@ -50,7 +54,7 @@ DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint 
 DS_FORMAT = "deepspeed"
 
 
-def deepspeed_config(config: Config, dp_size: int, num_microbatches: int) -> dict:
+def deepspeed_config(config: Config, num_microbatches: int) -> dict:
     """The user's DeepSpeed JSON with batch, precision and clipping fields taken from megagpt's config."""
     ds: dict = {}
     if config.parallel.deepspeed_config:
@@ -102,10 +106,61 @@ def _fsync_tree(folder: str) -> None:
                 os.close(fd)
 
 
+class ParallelStateMPU:
+    """DeepSpeed's `mpu` protocol (Megatron's old `mpu` module: model-, tensor-, pipeline- and data-parallel getters)
+    answered from a ParallelState. Passed even at TP = 1 so DeepSpeed's process-global `groups.mpu` always matches
+    the layout being trained."""
+
+    def __init__(self, ps: ParallelState) -> None:
+        self.ps = ps
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.mp_ranks.index(self.ps.rank)
+
+    def get_model_parallel_world_size(self) -> int:
+        return len(self.ps.mp_ranks)
+
+    def get_model_parallel_group(self):
+        return self.ps.mp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.tp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.tp_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.tp_src_rank
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.pp_size
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.pp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.dp_size
+
+    def get_data_parallel_group(self):
+        return self.ps.dp_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.ps.dp_ranks)
+
+
 class DeepSpeedTrainer:
     """Runs one optimizer step as DeepSpeed expects: engine(batch) -> engine.backward -> engine.step per micro-batch."""
 
-    def __init__(self, config: Config, model: nn.Module, dp_size: int, num_microbatches: int) -> None:
+    def __init__(self, config: Config, model: nn.Module, ps: ParallelState, num_microbatches: int) -> None:
         import deepspeed  # optional dependency
 
         o = config.optim
@@ -114,9 +169,9 @@ class DeepSpeedTrainer:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, foreach=True)
-        self.ds_config = deepspeed_config(config, dp_size, num_microbatches)
+        self.ds_config = deepspeed_config(config, num_microbatches)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+                                                                 config=self.ds_config, mpu=ParallelStateMPU(ps))
         self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
                                      o.lr_decay_iters or config.train.train_iters, o.lr_decay_style)
 
