@@ -108,14 +108,14 @@ def test_deepspeed_matches_single_rank(tmp_path, tp, cases):
 TOTAL, FIRST = 4, 2
 
 
-def _resume_worker(ds_path: str, ckpt: str):
+def _resume_worker(ds_path: str, ckpt: str, tp: int):
     """Straight 4 iterations; 2 + save; a NEW setup loading at 2 and training to 4; a resume without RNG restore.
     Dropout is on, so the resumed losses equal the straight ones only if every RNG stream is restored."""
     from megagpt.optim.deepspeed_backend import checkpoint_format_problem
 
     def run(**overrides):
         config = _ds_config(ds_path, **{**dict(train_iters=TOTAL, lr_decay_iters=TOTAL, hidden_dropout=0.1,
-                                               attention_dropout=0.1), **overrides})
+                                               attention_dropout=0.1, tensor_model_parallel_size=tp), **overrides})
         trainer, ps = setup(config, log=False)
         result = train_loop(config, trainer, ps, log=False)
         return trainer, result.losses, _full_weights(trainer)
@@ -137,10 +137,11 @@ def _resume_worker(ds_path: str, ckpt: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["zero1", "zero3"])
-def test_deepspeed_exact_resume(tmp_path, case):
+@pytest.mark.parametrize("case,tp", [("zero1", 1), ("zero3", 1), ("zero1", 2)],
+                         ids=["dp2-zero1", "dp2-zero3", "tp2-dp2-zero1"])
+def test_deepspeed_exact_resume(tmp_path, case, tp):
     ckpt = str(tmp_path / "ckpt")
-    results = run_distributed(_resume_worker, 2, _write_ds_json(tmp_path, ZERO[case]), ckpt)
+    results = run_distributed(_resume_worker, 2 * tp, _write_ds_json(tmp_path, ZERO[case]), ckpt, tp)
     for r in results:
         assert r["start"] == FIRST and r["consumed"] == TOTAL * 8
         assert r["first"] == r["straight"][:FIRST]
@@ -153,10 +154,11 @@ def test_deepspeed_exact_resume(tmp_path, case):
         assert "holds a DeepSpeed checkpoint" in r["format_problem"]
     files = results[0]["files"]
     assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{FIRST}"
-    assert {"latest", "global_step2/metadata.json", "global_step2/rng_rank00000.pt",
-            "global_step2/rng_rank00001.pt"} <= set(files)
-    assert len([f for f in files if f.endswith("optim_states.pt")]) == 2     # one ZeRO shard per DP rank
-    assert any(f.endswith("model_states.pt") for f in files)
+    assert {"latest", "global_step2/metadata.json"} | {f"global_step2/rng_rank{r:05d}.pt" for r in range(2 * tp)} \
+        <= set(files)
+    assert len([f for f in files if f.endswith("optim_states.pt")]) == 2 * tp     # one ZeRO shard per rank
+    for t in range(tp):   # the module of every TP rank
+        assert any(f.endswith(f"mp_rank_{t:02d}_model_states.pt") for f in files), files
     assert not [f for f in files if "tmp" in f or "old" in f]
 
 
@@ -184,7 +186,8 @@ def _load_worker(ds_path: str, ckpt: str):
 
 @pytest.mark.slow
 def test_deepspeed_crash_mid_save_keeps_previous_checkpoint(tmp_path):
-    ckpt, weights_path, ds_path = str(tmp_path / "ckpt"), str(tmp_path / "w1.pt"), _write_ds_json(tmp_path, ZERO["zero1"])
+    ckpt, weights_path = str(tmp_path / "ckpt"), str(tmp_path / "w1.pt")
+    ds_path = _write_ds_json(tmp_path, ZERO["zero1"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_distributed(_crash_worker, 2, ds_path, ckpt, weights_path)
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step1"
@@ -194,6 +197,9 @@ def test_deepspeed_crash_mid_save_keeps_previous_checkpoint(tmp_path):
         assert start == 1 and weights.keys() == weights_at_1.keys()
         for name, w in weights_at_1.items():
             torch.testing.assert_close(weights[name], w, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"saved with layout .*'data_parallel_size': 2.* but this run uses .*"
+                                           r"'data_parallel_size': 1"):
+        run_distributed(_load_worker, 1, ds_path, ckpt)   # another DP size: named before DeepSpeed reads a shard
 
 
 def test_checkpoint_format_mismatch_is_a_config_error(tmp_path):

@@ -9,21 +9,24 @@ Tensor parallelism: DeepSpeed gets megagpt's process groups through its `mpu` pr
 reduces grads and partitions ZeRO state over the DP group only, and its grad norm sums TP-split params over the
 model-parallel group while counting replicated ones once (on model-parallel rank 0), like megagpt's clip.py.
 
-ZeRO-3: the model is built in full on every rank (megagpt's per-name seeded init, so identical everywhere) and
-`deepspeed.initialize` partitions it afterwards; it is never built under `deepspeed.zero.Init`, whose
-per-rank construction would bypass that init. Peak memory at start-up is therefore one full model per rank.
+ZeRO-3: the model (this rank's TP shard) is built whole on every rank by megagpt's per-name seeded init, so
+identically on every DP rank, and `deepspeed.initialize` partitions it afterwards. It is never built under
+`deepspeed.zero.Init`, whose partitioned construction would bypass that init; start-up peak memory is therefore one
+TP shard of the model per rank.
 
 CPU offload (`"offload_optimizer": {"device": "cpu"}`) keeps megagpt's torch AdamW (`zero_force_ds_cpu_optimizer`
 is set false): it is the native path's update kernel, so offload changes where the step runs, not its arithmetic.
-DeepSpeedCPUAdam rounds differently (bias corrections in float32, `sqrt(v) * (1/sqrt(bc2))` instead of
-`sqrt(v) / sqrt(bc2)`, fused multiply-adds: about one ulp per step) and needs a C++ JIT build (~100 s on 2 cores).
+DeepSpeedCPUAdam computes the same update but rounds differently (bias corrections in float32, `sqrt(v) *
+(1/sqrt(bc2))` instead of `sqrt(v) / sqrt(bc2)`, fused multiply-adds: weights drift by ulps, 1e-6 after 5 steps on
+unit-scale weights) and needs a C++ JIT build (~100 s on 2 cores); it is faster on large offloaded models.
 
 Checkpoints (`--save/--load`) are DeepSpeed's own layout, so DeepSpeed tools (zero_to_fp32.py) read them:
 ```
 latest                              tag of the newest complete checkpoint; written by megagpt, last
 global_step{N}/
-  mp_rank_00_model_states.pt        DeepSpeed: module + client state (iteration, samples, LR schedule, config)
-  *_optim_states.pt                 DeepSpeed: each DP rank's ZeRO shard
+  *model_states.pt                  DeepSpeed: module per TP rank + client state (iteration, samples, LR schedule,
+                                    config, rank 0's RNG states)
+  *optim_states.pt                  DeepSpeed: each rank's ZeRO shard
   metadata.json                     megagpt: format, iteration, layout, config (checked before any shard is read)
   rng_rank{r:05d}.pt                megagpt: every rank's RNG states
 ```
@@ -209,8 +212,10 @@ class DeepSpeedTrainer:
                         tracker: tp_random.RNGStatesTracker, consumed_samples: int) -> str:
         """Write the checkpoint of `iteration` (collective) and point `latest` at it only once it is complete.
 
-        DeepSpeed writes under a temporary tag; after a barrier rank 0 flushes it, renames it to its final tag
-        (an older checkpoint of the same tag is moved aside first and deleted after), then writes `latest`.
+        DeepSpeed writes under a temporary tag; after a barrier rank 0 flushes it, renames it to its final tag,
+        then writes `latest`. An older checkpoint of the same tag (another run's, in the same directory) is moved to
+        `.old-<tag>` first and deleted after; should `latest` name that very tag, a crash between the two renames
+        leaves it naming a missing directory (reported on load) with the old files kept in `.old-<tag>`.
         Returns the checkpoint's directory."""
         tag, tmp_tag = checkpoint_tag(iteration), f".tmp-{checkpoint_tag(iteration)}"
         final, tmp = os.path.join(directory, tag), os.path.join(directory, tmp_tag)
