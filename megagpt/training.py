@@ -112,7 +112,7 @@ class Trainer:
         self.num_microbatches = num_microbatches(config, ps.dp_size)
         if p.deepspeed:
             from megagpt.optim.deepspeed_backend import DeepSpeedTrainer  # optional dependency
-            self.optimizer = DeepSpeedTrainer(config, self.chunks[0], ps, self.num_microbatches)
+            self.optimizer = DeepSpeedTrainer(config, self.chunks[0], ps, self.num_microbatches, launch.local_rank)
         else:
             self.optimizer: TrainingOptimizer = TrainingOptimizer(config, self.chunks, ps)
         self.consumed_samples = 0

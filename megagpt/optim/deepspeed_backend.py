@@ -163,8 +163,13 @@ class ParallelStateMPU:
 class DeepSpeedTrainer:
     """Runs one optimizer step as DeepSpeed expects: engine(batch) -> engine.backward -> engine.step per micro-batch."""
 
-    def __init__(self, config: Config, model: nn.Module, ps: ParallelState, num_microbatches: int) -> None:
+    def __init__(self, config: Config, model: nn.Module, ps: ParallelState, num_microbatches: int,
+                 local_rank: int) -> None:
         import deepspeed  # optional dependency
+
+        # DeepSpeed reads the local rank from the environment only; srun, mpirun (MPICH) and plain `python` launches,
+        # which megagpt's launcher accepts, do not set it.
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
         o = config.optim
         decay = [p for p in model.parameters() if uses_weight_decay(p)]
