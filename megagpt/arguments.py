@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from megagpt.optim.lr_schedule import schedule_problems
+
 
 def arg(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field whose `help` is both its docstring and its CLI help."""
@@ -275,6 +277,8 @@ def validate(config: Config, world_size: int) -> None:
         problem = checkpoint_format_problem(t.load, p.deepspeed)
         if problem:
             problems.append(problem)
+    problems += schedule_problems(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
+                                  o.lr_decay_style)
     if o.bf16 and o.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
     if not d.mock_data and not d.data_path:

@@ -108,3 +108,13 @@ def test_missing_data_files_are_named(tmp_path):
     c.data.mock_data, c.data.data_path = False, [str(tmp_path / "nope_text_document")]
     with pytest.raises(ConfigError, match="nope_text_document.bin does not exist"):
         validate(c, world_size=1)
+
+
+def test_bad_learning_rate_schedule_is_a_config_error():
+    c = _valid()
+    c.optim.lr_warmup_iters, c.train.train_iters = 50, 40   # decay would end before warmup does
+    c.optim.min_lr = c.optim.lr * 2
+    with pytest.raises(ConfigError) as e:
+        validate(c, world_size=1)
+    assert "decay iterations (40, --lr-decay-iters or --train-iters) must exceed --lr-warmup-iters (50)" in str(e.value)
+    assert "--min-lr" in str(e.value)

@@ -53,9 +53,9 @@ def test_state_round_trip_resumes_exactly():
 
 
 def test_invalid_settings_are_named():
-    with pytest.raises(ValueError, match="decay_iters"):
+    with pytest.raises(ValueError, match=r"decay iterations \(10, .*\) must exceed --lr-warmup-iters \(10\)"):
         LRScheduler(_optimizer(), max_lr=1.0, warmup_iters=10, decay_iters=10)
-    with pytest.raises(ValueError, match="min_lr"):
+    with pytest.raises(ValueError, match=r"--min-lr \(2.0\) <= --lr \(1.0\)"):
         LRScheduler(_optimizer(), max_lr=1.0, min_lr=2.0, decay_iters=10)
-    with pytest.raises(ValueError, match="decay_style"):
+    with pytest.raises(ValueError, match="--lr-decay-style must be one of"):
         LRScheduler(_optimizer(), max_lr=1.0, decay_iters=10, decay_style="step")

@@ -18,22 +18,33 @@ from typing import Optional
 DECAY_STYLES = ("cosine", "linear", "constant")
 
 
+def schedule_problems(max_lr: float, min_lr: float, warmup_iters: int, decay_iters: Optional[int],
+                      decay_style: str) -> list[str]:
+    """What makes a schedule invalid, in terms of the training flags (empty when it is valid)."""
+    problems = []
+    if decay_style not in DECAY_STYLES:
+        problems.append(f"--lr-decay-style must be one of {DECAY_STYLES}, got {decay_style!r}")
+    if not 0.0 <= min_lr <= max_lr:
+        problems.append(f"need 0 <= --min-lr ({min_lr}) <= --lr ({max_lr})")
+    if warmup_iters < 0:
+        problems.append(f"--lr-warmup-iters must be >= 0, got {warmup_iters}")
+    if decay_style != "constant":
+        if decay_iters is None:
+            problems.append(f"--lr-decay-style {decay_style} needs decay iterations (--lr-decay-iters or --train-iters)")
+        elif decay_iters <= warmup_iters:
+            problems.append(f"decay iterations ({decay_iters}, --lr-decay-iters or --train-iters) must exceed "
+                            f"--lr-warmup-iters ({warmup_iters})")
+    return problems
+
+
 class LRScheduler:
     """Writes the scheduled lr into every param group of `optimizer` (anything with `param_groups`)."""
 
     def __init__(self, optimizer, max_lr: float, min_lr: float = 0.0, warmup_iters: int = 0,
                  decay_iters: Optional[int] = None, decay_style: str = "cosine") -> None:
-        if decay_style not in DECAY_STYLES:
-            raise ValueError(f"decay_style must be one of {DECAY_STYLES}, got {decay_style!r}")
-        if not 0.0 <= min_lr <= max_lr:
-            raise ValueError(f"need 0 <= min_lr ({min_lr}) <= max_lr ({max_lr})")
-        if warmup_iters < 0:
-            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
-        if decay_style != "constant":
-            if decay_iters is None:
-                raise ValueError(f"decay_style {decay_style!r} needs decay_iters (usually --train-iters)")
-            if decay_iters <= warmup_iters:
-                raise ValueError(f"decay_iters ({decay_iters}) must exceed warmup_iters ({warmup_iters})")
+        problems = schedule_problems(max_lr, min_lr, warmup_iters, decay_iters, decay_style)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_iters, self.decay_iters, self.decay_style = warmup_iters, decay_iters, decay_style
