@@ -207,15 +207,26 @@ class Trainer:
 
 
 def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
-    """The resolved config (rank 0) and, per rank, parameter count and bytes of params, grads and optimizer state."""
+    """The resolved config (rank 0) and each rank's parameter count."""
     if ps.rank == 0:
         print(f"megagpt: world {ps.world_size} = TP {ps.tp_size} x PP {ps.pp_size} x DP {ps.dp_size}; "
               f"{trainer.num_microbatches} micro-batches per step; config:\n{config.to_json()}", flush=True)
     n = sum(getattr(p, "ds_numel", p.numel()) for m in trainer.chunks for p in m.parameters())  # ZeRO-3: full size
+    _print_in_rank_order(f" > rank {ps.rank} (tp {ps.tp_rank}, pp {ps.pp_rank}, dp {ps.dp_rank}): "
+                         f"{n:,} parameters", ps)
+
+
+def print_memory(trainer: Trainer, ps: ParallelState, iteration: int) -> None:
+    """Each rank's bytes of params, grads and optimizer state, measured from the tensors. Printed after the
+    first step, since the optimizer creates its state (Adam moments) then."""
     mem = trainer.optimizer.memory_bytes()
-    line = (f" > rank {ps.rank} (tp {ps.tp_rank}, pp {ps.pp_rank}, dp {ps.dp_rank}): {n:,} parameters | "
-            + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
-    for r in range(ps.world_size):  # ordered output
+    _print_in_rank_order(f" > rank {ps.rank} memory after iteration {iteration}: "
+                         + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()), ps)
+
+
+def _print_in_rank_order(line: str, ps: ParallelState) -> None:
+    """Collective: every rank prints its line, rank 0 first."""
+    for r in range(ps.world_size):
         if r == ps.rank:
             print(line, flush=True)
         dist.barrier()
@@ -279,7 +290,9 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
                 print(format_log_line(stats), flush=True)
             board.iteration(stats)
             window_start, window_losses, window_iters = time.perf_counter(), [], 0
-        paused_at = time.perf_counter()  # evaluation and saving are left out of the per-iteration time
+        paused_at = time.perf_counter()  # reports, evaluation and saving are left out of the per-iteration time
+        if log and iteration == trainer.start_iteration + 1:
+            print_memory(trainer, ps, iteration)
         if trainer.datasets[1] is not None and t.eval_interval and iteration % t.eval_interval == 0:
             val = trainer.evaluate()  # every rank joins: middle stages run the schedule without data
             result.validation_losses.append(val)

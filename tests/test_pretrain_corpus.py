@@ -59,3 +59,25 @@ def test_cli_rejects_missing_data(tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_PORT="1"))
     assert proc.returncode == 2 and "missing_text_document.bin does not exist" in proc.stderr
+
+
+def test_cli_reports_parameters_and_measured_memory_after_the_first_step():
+    import re
+
+    from distributed import free_port
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_gpt.py"), "--mock-data",
+                           "--tokenizer-type", "ByteTokenizer", "--num-layers", "2", "--hidden-size", "64",
+                           "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
+                           "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
+                           "--eval-iters", "0", "--log-interval", "1"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n = int(re.search(r"> rank 0 \(tp 0, pp 0, dp 0\): ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
+    mem = re.search(r"> rank 0 memory after iteration 1: params ([\d.]+) MiB \| grads ([\d.]+) MiB \| "
+                    r"optimizer ([\d.]+) MiB", proc.stdout)
+    params, grads, optimizer = (float(x) * 2**20 for x in mem.groups())
+    mib = 0.05 * 2**20   # printed to 0.1 MiB
+    assert abs(params - 4 * n) < mib and abs(optimizer - 8 * n) < mib   # fp32: masters are the params; 2 moments
+    assert grads >= 4 * n - mib                                           # fp32 grad buffer (plus bucket padding)
