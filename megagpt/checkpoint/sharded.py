@@ -19,6 +19,9 @@ Every file goes to a temporary name in its final directory, is flushed and fsync
 crash leaves either the complete file or none under the final name. The tracker file is written by global rank 0
 after a world barrier, so a crash mid-save never hides (or half-replaces) the previous checkpoint.
 Loading checks the saved parallel layout against this run's before reading any shard; resharding is convert.py's.
+A converted checkpoint (convert.py) has `data_parallel_size: null` in its layout: it holds whole-parameter
+optimizer state (or none) and no RNG files, so it loads under any DP size, with or without ZeRO; each rank cuts
+its own slices at load time (`_own_optimizer_state`) and keeps its freshly seeded RNG streams.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class LoadedCheckpoint:
 
     iteration: int
     consumed_samples: int
-    rng_state: dict
+    rng_state: Optional[dict]     # None: a converted checkpoint, the run keeps its freshly seeded streams
 
 
 def iteration_dir(directory: str, iteration: int) -> str:
@@ -76,7 +79,15 @@ def layout_of(ps: ParallelState, num_chunks: int, use_distributed_optimizer: boo
             "use_distributed_optimizer": bool(use_distributed_optimizer)}
 
 
+def is_converted(layout: dict) -> bool:
+    """A layout written by convert.py: whole-parameter optimizer state, loadable under any DP size and ZeRO."""
+    return layout.get("data_parallel_size") is None
+
+
 def _describe(layout: dict) -> str:
+    if is_converted(layout):
+        return (f"TP={layout['tensor_model_parallel_size']} PP={layout['pipeline_model_parallel_size']} DP=any "
+                f"virtual-chunks={layout['virtual_pipeline_chunks']} (converted)")
     return (f"TP={layout['tensor_model_parallel_size']} PP={layout['pipeline_model_parallel_size']} "
             f"DP={layout['data_parallel_size']} virtual-chunks={layout['virtual_pipeline_chunks']} "
             f"distributed-optimizer={layout['use_distributed_optimizer']}")
@@ -238,14 +249,26 @@ def read_metadata(directory: str, iteration: Optional[int] = None) -> dict:
 def check_compatible(meta: dict, config: Config, ps: ParallelState, num_chunks: int) -> None:
     """Raise CheckpointError naming both layouts (or the differing model fields) when shards cannot load here."""
     here = layout_of(ps, num_chunks, config.parallel.use_distributed_optimizer)
-    if meta["layout"] != here:
+    comparable = here
+    if is_converted(meta["layout"]):   # DP size and ZeRO are chosen at load time
+        comparable = {**here, "data_parallel_size": None, "use_distributed_optimizer": False}
+    if meta["layout"] != comparable:
         raise CheckpointError(f"checkpoint of iteration {meta['iteration']} was saved with parallel layout "
                               f"[{_describe(meta['layout'])}] but this run uses [{_describe(here)}]; "
                               f"reshard it with megagpt.checkpoint.convert first")
-    saved, ours = meta["config"]["model"], config.to_dict()["model"]
-    diff = [f"{k}: saved {saved.get(k)}, here {ours.get(k)}" for k in _ARCH_FIELDS if saved.get(k) != ours.get(k)]
+    saved, ours = _resolved_arch(meta["config"]["model"]), _resolved_arch(config.to_dict()["model"])
+    diff = [f"{k}: saved {saved[k]}, here {ours[k]}" for k in _ARCH_FIELDS if saved[k] != ours[k]]
     if diff:
         raise CheckpointError("checkpoint model differs from this config: " + "; ".join(diff))
+
+
+def _resolved_arch(model: dict) -> dict:
+    """Shape-defining fields with defaults resolved (ffn None = 4h, positions None = seq_length), so a checkpoint
+    that spells a default out (e.g. imported from Hugging Face) matches a run that leaves it implicit."""
+    out = {k: model.get(k) for k in _ARCH_FIELDS}
+    out["ffn_hidden_size"] = out["ffn_hidden_size"] or 4 * model["hidden_size"]
+    out["max_position_embeddings"] = out["max_position_embeddings"] or model["seq_length"]
+    return out
 
 
 def _load_file(path: str) -> dict:
@@ -270,6 +293,10 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
         if key not in state:
             raise CheckpointError(f"{folder}/{MODEL_FILE} has no {key!r} (keys: {sorted(state)})")
         chunk.load_state_dict(state[key], strict=True)   # copies in place: params stay views of their buffers
+    if is_converted(meta["layout"]):
+        weights = {n: t for key in _model_keys(chunks) for n, t in state[key].items()}
+        optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), state.get("optimizer"), weights))
+        return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=None)
     if config.parallel.use_distributed_optimizer:
         optim_state = _load_file(os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))["optimizer"]
     else:
@@ -277,3 +304,35 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
     rng = _load_file(os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
     return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
+
+
+def _own_optimizer_state(fresh: dict, saved: Optional[dict], weights: dict[str, torch.Tensor]) -> dict:
+    """A converted checkpoint's whole-parameter optimizer state cut to this rank's own layout.
+
+    `fresh` is this rank's `TrainingOptimizer.state_dict()` before loading: its `shard_layout` says which flat range
+    of each parameter the rank steps (all of it without ZeRO) and its entries which hold a separate fp32 master.
+    `saved` None (a model-only checkpoint, e.g. imported from Hugging Face) gives a fresh optimizer and schedule
+    whose fp32 masters start from the saved weights, not from the model's bf16/fp16 rounding of them."""
+    own = fresh["optimizer"]
+    saved_optim = saved["optimizer"] if saved is not None else {}
+    saved_state = saved_optim.get("param_state", {})
+    flat = "dp_size" in own                     # ZeRO masters and moments are flat slices; else param-shaped
+    param_state = {}
+    for name, where in own["shard_layout"].items():
+        entry = dict(saved_state.get(name, {}))
+        if "master" in own["param_state"][name] and "master" not in entry:
+            entry["master"] = weights[name].float()
+        param_state[name] = {k: _own_slice(v, where, flat) for k, v in entry.items()}
+    optim = {**own, "param_state": param_state}
+    for key in ("param_groups", "grad_scaler", "skipped_iterations"):
+        if key in saved_optim:
+            optim[key] = saved_optim[key]
+    return {"optimizer": optim, "scheduler": saved["scheduler"] if saved is not None else fresh["scheduler"]}
+
+
+def _own_slice(value: Any, where: dict, flat: bool) -> Any:
+    """This rank's [start, end) of a whole-parameter tensor (0-dim values such as Adam's step are shared)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    part = value.reshape(-1)[where["start"]:where["end"]]
+    return part.clone() if flat else part.view(where["shape"]).clone()
