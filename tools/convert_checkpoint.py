@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Convert megagpt checkpoints: between parallel layouts, and to / from Hugging Face GPT-2.
+
+    python tools/convert_checkpoint.py reshard --load ckpt --save ckpt_tp1 \\
+        --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    python tools/convert_checkpoint.py to-hf --load ckpt --save hf_gpt2
+    python tools/convert_checkpoint.py from-hf --load hf_gpt2 --save ckpt_tp2 \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1
+
+Single process on CPU, no process group. Outputs appear atomically (temporary directory, then a rename) and
+only into a directory that does not exist or is empty. The work is done by megagpt.checkpoint.convert / hf_gpt2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from megagpt.checkpoint.convert import ConversionError, reshard  # noqa: E402
+from megagpt.checkpoint.sharded import CheckpointError, read_metadata  # noqa: E402
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-tensor-parallel-size", type=int, required=True, help="TP of the written checkpoint")
+    p.add_argument("--target-pipeline-parallel-size", type=int, required=True, help="PP of the written checkpoint")
+    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual stage (interleaved schedule) of the written checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("reshard", help="write a megagpt checkpoint at another TP x PP (weights + optimizer state)")
+    p.add_argument("--load", required=True, help="megagpt checkpoint directory")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the latest)")
+    _layout_flags(p)
+    p = sub.add_parser("to-hf", help="export a megagpt checkpoint as a Hugging Face GPT2LMHeadModel directory")
+    p.add_argument("--load", required=True, help="megagpt checkpoint directory (any layout)")
+    p.add_argument("--save", required=True, help="output directory for save_pretrained (must not exist or be empty)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
+    p = sub.add_parser("from-hf", help="import a Hugging Face GPT-2 directory as a megagpt checkpoint (weights only)")
+    p.add_argument("--load", required=True, help="Hugging Face model directory (config.json + weights)")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding unit (x TP)")
+    _layout_flags(p)
+    return parser
+
+
+def _num_chunks(args: argparse.Namespace, num_layers: int) -> int:
+    per_stage = args.target_num_layers_per_virtual_pipeline_stage
+    if per_stage is None:
+        return 1
+    pp = args.target_pipeline_parallel_size
+    if per_stage < 1 or num_layers % (pp * per_stage):
+        raise ConversionError(f"num-layers {num_layers} is not divisible by target pipeline-parallel size {pp} x "
+                              f"num-layers-per-virtual-pipeline-stage {per_stage}")
+    return num_layers // (pp * per_stage)
+
+
+def run(args: argparse.Namespace) -> str:
+    progress = not args.no_progress
+    if args.command == "reshard":
+        layers = read_metadata(args.load, args.iteration)["config"]["model"]["num_layers"]
+        return reshard(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                       iteration=args.iteration, num_chunks=_num_chunks(args, layers), progress=progress)
+    from megagpt.checkpoint import hf_gpt2   # imports transformers lazily
+    if args.command == "to-hf":
+        state, config = hf_gpt2.export_hf(args.load, args.iteration)
+        hf_gpt2.save_hf(state, config, args.save)
+        return args.save
+    config = hf_gpt2.read_hf_config(args.load)
+    return hf_gpt2.import_hf(args.load, args.save, args.target_tensor_parallel_size,
+                             args.target_pipeline_parallel_size, num_chunks=_num_chunks(args, config.n_layer),
+                             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=progress)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except CheckpointError as exc:   # ConversionError included: bad input, reported before any heavy work
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
