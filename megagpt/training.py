@@ -246,10 +246,10 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     trainer = Trainer(config, ps, device, launch)
     rng_state = trainer.load(config.train.load) if config.train.load else None
     trainer.attach_data()
-    if rng_state is not None:
+    if rng_state is not None:   # None: a converted checkpoint, whose RNG streams belonged to another layout
         set_rng_state(rng_state, trainer.tracker)
-        if ps.rank == 0 and log:
-            print(f" loaded checkpoint from {config.train.load} at iteration {trainer.start_iteration}", flush=True)
+    if config.train.load and ps.rank == 0 and log:
+        print(f" loaded checkpoint from {config.train.load} at iteration {trainer.start_iteration}", flush=True)
     if log:
         print_startup(config, trainer, ps)
     return trainer, ps
