@@ -5,7 +5,6 @@ Benchmarks are scripts that print tables; nothing here asserts on timings.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import time
@@ -18,11 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megagpt.parallel.launch import free_port  # noqa: E402,F401 (benchmarks import it from here)
 
 
 def single_rank_env() -> None:

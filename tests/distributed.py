@@ -13,7 +13,6 @@ import fcntl
 import os
 import pickle
 import queue as queue_module
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -23,14 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megagpt.parallel.launch import free_port
+
 LOCK_PATH = os.environ.get("MEGAGPT_TEST_LOCK", "/tmp/megagpt-distributed-tests.lock")
 DEFAULT_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:

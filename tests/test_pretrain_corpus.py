@@ -64,7 +64,7 @@ def test_cli_rejects_missing_data(tmp_path):
 def test_cli_reports_parameters_and_measured_memory_after_the_first_step():
     import re
 
-    from distributed import free_port
+    from megagpt.parallel.launch import free_port
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_gpt.py"), "--mock-data",

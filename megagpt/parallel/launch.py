@@ -57,6 +57,13 @@ def detect_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now (for one-machine runs that start their own group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _mpi_master_addr(launch: LaunchEnv) -> str:
     """Under mpirun without MASTER_ADDR, rank 0 broadcasts its host name through mpi4py when installed."""
     if launch.master_addr:
