@@ -49,7 +49,7 @@ from megagpt.checkpoint.sharded import (METADATA_FILE, TRACKER_FILE, CheckpointE
                                         atomic_torch_save, atomic_write_text, check_compatible, get_rng_state,
                                         layout_of)
 from megagpt.optim.lr_schedule import LRScheduler
-from megagpt.optim.mixed_precision import uses_weight_decay
+from megagpt.optim.mixed_precision import OptimizerConfig, build_torch_optimizer, uses_weight_decay
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
 
@@ -172,11 +172,9 @@ class DeepSpeedTrainer:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
         o = config.optim
-        decay = [p for p in model.parameters() if uses_weight_decay(p)]
-        no_decay = [p for p in model.parameters() if not uses_weight_decay(p)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, foreach=True)
+        optimizer = build_torch_optimizer([p for p in model.parameters() if uses_weight_decay(p)],
+                                          [p for p in model.parameters() if not uses_weight_decay(p)],
+                                          OptimizerConfig.from_object(o))
         self.ds_config = deepspeed_config(config, num_microbatches)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, mpu=ParallelStateMPU(ps))

@@ -157,6 +157,16 @@ class _Slot:
         return self.master.data_ptr() != self.model_view.data_ptr() or self.master.dtype != self.model_view.dtype
 
 
+def build_torch_optimizer(decay: list[torch.Tensor], no_decay: list[torch.Tensor],
+                          c: OptimizerConfig) -> torch.optim.Optimizer:
+    """The torch optimizer every path steps with: AdamW (decoupled weight decay on `decay` only) or SGD."""
+    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.sgd_momentum)
+    # fused: one pass over each tensor (CPU and CUDA kernels); foreach makes ~7 passes with temporaries
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, fused=True)
+
+
 class MixedPrecisionOptimizer:
     """AdamW (or SGD) over fp32 masters of a model's params; the non-sharded path (every DP rank steps all).
 
@@ -206,14 +216,8 @@ class MixedPrecisionOptimizer:
 
     # ---- shared step -------------------------------------------------------------------------------------
     def _build_inner_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        decay = [s.master for s in self.slots if uses_weight_decay(s.param)]
-        no_decay = [s.master for s in self.slots if not uses_weight_decay(s.param)]
-        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.sgd_momentum)
-        # fused: one pass over each tensor (CPU and CUDA kernels); foreach makes ~7 passes with temporaries
-        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, fused=True)
+        return build_torch_optimizer([s.master for s in self.slots if uses_weight_decay(s.param)],
+                                     [s.master for s in self.slots if not uses_weight_decay(s.param)], self.config)
 
     @property
     def param_groups(self) -> list[dict]:
