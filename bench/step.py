@@ -122,6 +122,8 @@ def main() -> None:
     add("megagpt Trainer.train_step", times)
     if hf_times is not None:
         add("HF GPT2LMHeadModel (this run)", hf_times)
+        print("(HF runs in this process after megagpt's set-up, so it shares megagpt's host-allocator setting, "
+              "parallel.launch.keep_host_memory_mapped; the 57% cited for it was measured under glibc's defaults)")
     else:
         for name, frac, tok_s in CITED:
             rows.append([name, "-", "-", "-", f"{tok_s:.0f}" if tok_s else "-", "-", f"{frac:.0%}", "-"])
