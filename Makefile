@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-deepspeed demo test test-fast check-cuda bench clean
+.PHONY: install install-deepspeed install-mpi demo test test-fast check-cuda bench clean
 
 # The venv, pinned CPU torch (never a bare `torch`), then our C++ extensions built against it.
 $(STAMP): requirements.txt setup.py pyproject.toml csrc/*.cpp
@@ -20,6 +20,10 @@ install: $(STAMP)
 # Optional DeepSpeed backend (--deepspeed): pure-Python install; its CPU shm op is JIT-built on first use.
 install-deepspeed: install
 	DS_BUILD_OPS=0 $(PIP) install -q torch==2.13.0 deepspeed==0.19.8
+
+# Optional mpirun launcher: mpi4py plus the MPICH wheel, which puts `mpiexec` into the venv.
+install-mpi: install
+	$(PIP) install -q torch==2.13.0 mpi4py==4.1.2 mpich==5.0.2
 
 demo: install
 	bash examples/run_cpu_demo.sh

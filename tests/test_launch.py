@@ -1,4 +1,8 @@
 """The launcher reads rank and world size from torchrun, SLURM and MPI environments."""
+import importlib.util
+
+import pytest
+
 from megagpt.parallel.launch import _first_slurm_host, detect_launch_env
 
 
@@ -55,3 +59,38 @@ def test_keep_host_memory_mapped_reuses_pages_of_freed_large_tensors():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     assert min(faults_of_one_large_tensor() for _ in range(12)) < 100
+
+
+def _losses(stdout: str) -> list[float]:
+    import re
+    return [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+) \|", stdout)]
+
+
+def test_mpiexec_launch_trains_like_a_single_process():
+    """`mpiexec -n 2` (MPICH wheel) with TP=2: ranks come from the MPI environment, the master address from
+    mpi4py, and the losses equal a one-process run of the same model."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py/mpiexec not installed (optional: make install-mpi)")
+    from megagpt.parallel.launch import free_port
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, os.path.join(repo, "examples", "pretrain_gpt.py"), "--mock-data", "--tokenizer-type",
+            "ByteTokenizer", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "0", "--log-interval", "1",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--num-threads", "1"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    mpi = subprocess.run([mpiexec, "-n", "2"] + args + ["--tensor-model-parallel-size", "2"], capture_output=True,
+                         text=True, timeout=180, env=dict(clean, MASTER_PORT=str(free_port())))
+    assert mpi.returncode == 0, mpi.stderr[-2000:]
+    assert "rank 1 (tp 1, pp 0, dp 0)" in mpi.stdout
+    single = subprocess.run(args, capture_output=True, text=True, timeout=180,
+                            env=dict(clean, MASTER_PORT=str(free_port())))
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert len(_losses(mpi.stdout)) == 3
+    assert _losses(mpi.stdout) == pytest.approx(_losses(single.stdout), rel=1e-5)
