@@ -74,7 +74,7 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, temperatur
     """The prompt's continuation (new ids only), stopping early after `stop_id` (e.g. the tokenizer's eod)."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    window = model.cfg.max_position_embeddings or model.cfg.seq_length
+    window = model.cfg.max_positions
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt)
     device = next(model.parameters()).device

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
+from megagpt.arguments import ModelConfig
 from megagpt.checkpoint.sharded import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, atomic_torch_save,
                                         atomic_write_text, is_converted, iteration_dir, read_metadata, shard_dir)
 from megagpt.model.gpt import WORD_EMBEDDING, stage_layer_ids
@@ -57,8 +58,7 @@ class Source(Protocol):
 # ---- layout arithmetic --------------------------------------------------------------------------------------
 def check_target_layout(model: dict, tp: int, pp: int, chunks: int = 1) -> None:
     """Raise ConversionError naming the numbers when the model cannot be split TP x PP (x virtual chunks)."""
-    heads, layers, ffn = model["num_attention_heads"], model["num_layers"], model["ffn_hidden_size"]
-    ffn = ffn or 4 * model["hidden_size"]
+    heads, layers, ffn = model["num_attention_heads"], model["num_layers"], ModelConfig(**model).ffn_size
     problems = []
     if tp < 1 or pp < 1 or chunks < 1:
         problems.append(f"parallel sizes must be >= 1, got TP={tp} PP={pp} virtual chunks={chunks}")

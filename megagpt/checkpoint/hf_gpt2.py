@@ -37,8 +37,8 @@ def _pairs(m: dict) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """(HF name, megagpt name, how to convert, HF shape) for every parameter of the model `m` (a ModelConfig dict).
 
     how: 'copy'; 'conv1d' (transpose); 'qkv' (per-head regroup, then transpose for the weight)."""
-    h, f = m["hidden_size"], m["ffn_hidden_size"] or 4 * m["hidden_size"]
-    positions = m["max_position_embeddings"] or m["seq_length"]
+    cfg = ModelConfig(**m)
+    h, f, positions = cfg.hidden_size, cfg.ffn_size, cfg.max_positions
     pairs = [("transformer.wte.weight", WORD_EMBEDDING, "copy", (m["vocab_size"], h)),
              ("transformer.wpe.weight", "embedding.position_embeddings.weight", "copy", (positions, h))]
     for i in range(m["num_layers"]):
@@ -83,7 +83,7 @@ def hf_config(model: dict) -> Any:
 
     h, ffn = model["hidden_size"], model["ffn_hidden_size"]
     eos = 50256 if model["vocab_size"] > 50256 else None   # GPT-2's <|endoftext|>, when the vocabulary has it
-    return GPT2Config(vocab_size=model["vocab_size"], n_positions=model["max_position_embeddings"] or model["seq_length"],
+    return GPT2Config(vocab_size=model["vocab_size"], n_positions=ModelConfig(**model).max_positions,
                       n_embd=h, n_layer=model["num_layers"], n_head=model["num_attention_heads"],
                       n_inner=None if ffn in (None, 4 * h) else ffn, activation_function="gelu_new",
                       resid_pdrop=model["hidden_dropout"], embd_pdrop=model["hidden_dropout"],

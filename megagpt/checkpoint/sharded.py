@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megagpt.arguments import Config
+from megagpt.arguments import Config, ModelConfig
 from megagpt.fileio import atomic_write
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
@@ -265,9 +265,9 @@ def check_compatible(meta: dict, config: Config, ps: ParallelState, num_chunks: 
 def _resolved_arch(model: dict) -> dict:
     """Shape-defining fields with defaults resolved (ffn None = 4h, positions None = seq_length), so a checkpoint
     that spells a default out (e.g. imported from Hugging Face) matches a run that leaves it implicit."""
-    out = {k: model.get(k) for k in _ARCH_FIELDS}
-    out["ffn_hidden_size"] = out["ffn_hidden_size"] or 4 * model["hidden_size"]
-    out["max_position_embeddings"] = out["max_position_embeddings"] or model["seq_length"]
+    cfg = ModelConfig(**model)
+    out = {k: getattr(cfg, k) for k in _ARCH_FIELDS}
+    out["ffn_hidden_size"], out["max_position_embeddings"] = cfg.ffn_size, cfg.max_positions
     return out
 
 
