@@ -8,6 +8,7 @@ import torch
 from distributed import run_distributed
 from megagpt.generate import sample_next
 
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 WINDOW, PROMPT, NEW = 16, [5, 17, 200, 42, 99, 3, 64, 250, 7, 1], 12   # prompt + new > window: the context slides
 
 
@@ -37,6 +38,15 @@ def _hf_model():
     return GPT2LMHeadModel(config).eval()
 
 
+def _imported_checkpoint(tmp_path, tp: int, pp: int):
+    """A random HF GPT-2 and the same weights imported as a megagpt checkpoint at TP x PP."""
+    from megagpt.checkpoint.hf_gpt2 import import_hf
+    hf = _hf_model()
+    ckpt = str(tmp_path / "ckpt")
+    import_hf(hf.state_dict(), ckpt, tp, pp, config=hf.config)
+    return hf, ckpt
+
+
 def _hf_greedy(model, prompt: list[int], new: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
@@ -53,30 +63,24 @@ def _generate_worker(ckpt: str):
     return greedy, sampled, (ps.tp_size, ps.pp_size)
 
 
+@needs_transformers
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_greedy_generation_from_a_tp2_pp2_checkpoint_matches_hugging_face(tmp_path):
-    from megagpt.checkpoint.hf_gpt2 import import_hf
-    hf = _hf_model()
-    ckpt = str(tmp_path / "ckpt")
-    import_hf(hf.state_dict(), ckpt, 2, 2, config=hf.config)
+    hf, ckpt = _imported_checkpoint(tmp_path, 2, 2)
     greedy, sampled, layout = run_distributed(_generate_worker, 1, ckpt)[0]
     assert layout == (1, 1)
     assert greedy == _hf_greedy(hf, PROMPT, NEW)
     assert sampled[0] == sampled[1] and len(sampled[0]) == NEW      # a seed reproduces a sample
 
 
+@needs_transformers
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_cli_prints_the_prompt_and_its_continuation(tmp_path):
     import os
     import subprocess
     import sys
 
-    from megagpt.checkpoint.hf_gpt2 import import_hf
-    hf = _hf_model()
-    ckpt = str(tmp_path / "ckpt")
-    import_hf(hf.state_dict(), ckpt, 1, 2, config=hf.config)
+    hf, ckpt = _imported_checkpoint(tmp_path, 1, 2)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     run = subprocess.run([sys.executable, "-m", "megagpt.generate", "--load", ckpt, "--prompt", "To be",
                           "--max-new-tokens", "5", "--temperature", "0", "--tokenizer-type", "ByteTokenizer"],
