@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-import _common  # noqa: F401  (puts the repo root on sys.path)
+from _common import print_table  # also puts the repo root on sys.path
 from megagpt.model.softmax import FusedScaleMaskSoftmax, is_available, unavailable_reason
 
 DEFAULT_SHAPES = "4x16x512x512,4x16x1024x1024,2x16x2048x2048,1x16x4096x4096,1x8x8192x8192,1x4x16384x16384"
@@ -65,10 +65,7 @@ def bench_cuda(shapes, dtype: torch.dtype, iters: int) -> None:
     print(f"device: {torch.cuda.get_device_name()}  dtype: {dtype}  iters: {iters}")
     if not is_available():
         print(f"fused kernel unavailable: {unavailable_reason()}; timing the PyTorch path only")
-    header = (f"{'shape':>20} {'mask':>7} | {'copy':>7} {'fused fwd':>9} {'torch fwd':>9} {'softmax':>8} "
-              f"{'fused bwd':>9} {'torch bwd':>9} | {'fwd/copy':>8} {'fwd x torch':>11}  (GB/s)")
-    print(header)
-    print("-" * len(header))
+    table = []
     for b, h, sq, sk in shapes:
         scores = torch.randn(b, h, sq, sk, device="cuda").to(dtype)
         grad = torch.randn_like(scores)
@@ -90,15 +87,18 @@ def bench_cuda(shapes, dtype: torch.dtype, iters: int) -> None:
                 bwd = time_cuda(backward_fn(module, scores, mask, grad), iters)
                 rows[name] = (2 * nbytes / fwd / 1e9, 3 * nbytes / bwd / 1e9)
             (ffwd, fbwd), (tfwd, tbwd) = rows["fused"], rows["torch"]
-            print(f"{f'{b}x{h}x{sq}x{sk}':>20} {kind:>7} | {copy_gbs:7.0f} {ffwd:9.0f} {tfwd:9.0f} {softmax_gbs:8.0f} "
-                  f"{fbwd:9.0f} {tbwd:9.0f} | {ffwd / copy_gbs:8.2f} {ffwd / tfwd:11.2f}")
+            table.append([f"{b}x{h}x{sq}x{sk}", kind, f"{copy_gbs:.0f}", f"{ffwd:.0f}", f"{tfwd:.0f}",
+                          f"{softmax_gbs:.0f}", f"{fbwd:.0f}", f"{tbwd:.0f}", f"{ffwd / copy_gbs:.2f}",
+                          f"{ffwd / tfwd:.2f}"])
         del scores, grad, copy_out
         torch.cuda.empty_cache()
+    print_table(["shape", "mask", "copy", "fused fwd", "torch fwd", "softmax", "fused bwd", "torch bwd", "fwd/copy",
+                 "fwd x torch"], table, title="GB/s (last two columns: ratios)")
 
 
 def bench_cpu(dtype: torch.dtype, iters: int) -> None:
     print(f"no CUDA (torch {torch.__version__}): the fused kernel cannot run here; PyTorch path on the CPU only")
-    print(f"{'shape':>16} {'mask':>7} | {'copy':>7} {'torch fwd':>9} {'softmax':>8} {'torch bwd':>9}  (GB/s)")
+    table = []
     for b, h, sq, sk in [(1, 4, 256, 256), (1, 4, 512, 512)]:
         scores = torch.randn(b, h, sq, sk).to(dtype)
         grad = torch.randn_like(scores)
@@ -111,7 +111,9 @@ def bench_cpu(dtype: torch.dtype, iters: int) -> None:
             module = FusedScaleMaskSoftmax(kind, 0.125)
             fwd = 2 * nbytes / time_cpu(lambda: module(scores, mask), iters) / 1e9
             bwd = 3 * nbytes / time_cpu(backward_fn(module, scores, mask, grad), iters) / 1e9
-            print(f"{f'{b}x{h}x{sq}x{sk}':>16} {kind:>7} | {copy_gbs:7.2f} {fwd:9.2f} {softmax_gbs:8.2f} {bwd:9.2f}")
+            table.append([f"{b}x{h}x{sq}x{sk}", kind, f"{copy_gbs:.2f}", f"{fwd:.2f}", f"{softmax_gbs:.2f}",
+                          f"{bwd:.2f}"])
+    print_table(["shape", "mask", "copy", "torch fwd", "softmax", "torch bwd"], table, title="GB/s")
 
 
 def main() -> None:
