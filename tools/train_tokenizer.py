@@ -17,10 +17,9 @@ from typing import Iterator, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megagpt.data.preprocess import iter_chunks, parse_json_line, resolve_inputs  # noqa: E402
+from megagpt.data.preprocess import (MAX_REPORTED_BAD_LINES, BadLine, iter_chunks, parse_json_line,  # noqa: E402
+                                     resolve_inputs)
 from megagpt.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-
-MAX_REPORTED = 10
 
 
 class JsonlTexts:
@@ -28,7 +27,7 @@ class JsonlTexts:
 
     def __init__(self, paths: Sequence[str], keys: Sequence[str]) -> None:
         self.paths, self.keys = paths, keys
-        self.documents, self.bad = 0, []
+        self.documents, self.skipped, self.first_bad = 0, 0, []
 
     def __iter__(self) -> Iterator[str]:
         for chunk in iter_chunks(self.paths):
@@ -37,7 +36,9 @@ class JsonlTexts:
                     continue
                 values, reason = parse_json_line(raw, self.keys)
                 if reason:
-                    self.bad.append(f"{self.paths[chunk.path_index]}:{chunk.first_line + offset}: {reason}")
+                    self.skipped += 1
+                    if len(self.first_bad) < MAX_REPORTED_BAD_LINES:
+                        self.first_bad.append(BadLine(self.paths[chunk.path_index], chunk.first_line + offset, reason))
                     continue
                 self.documents += 1
                 yield from values
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"trained on {texts.documents} documents from {len(paths)} file(s): vocab size {tokenizer.vocab_size}, "
           f"eod id {tokenizer.eod}; wrote {args.output_dir}/{{vocab.json,merges.txt,tokenizer.json}}")
-    if texts.bad:
-        print(f"skipped {len(texts.bad)} bad line(s); first {min(len(texts.bad), MAX_REPORTED)}:")
-        for line in texts.bad[:MAX_REPORTED]:
-            print(f"  {line}")
+    if texts.skipped:
+        print(f"skipped {texts.skipped} bad line(s); first {len(texts.first_bad)}:")
+        for bad in texts.first_bad:
+            print(f"  {bad}")
     return 0
 
 

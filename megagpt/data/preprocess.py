@@ -34,7 +34,7 @@ from megagpt.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megagpt.data.tokenizer import Tokenizer, build_tokenizer
 
 _CHUNK_BYTES = 256 * 1024
-_MAX_REPORTED = 10
+MAX_REPORTED_BAD_LINES = 10  # bad lines named in a report (all are counted)
 
 
 @dataclass
@@ -341,7 +341,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             summary.empty += result.empty
             for path_index, line, reason in result.bad:
                 reasons[reason] += 1
-                if len(summary.first_bad) < _MAX_REPORTED:
+                if len(summary.first_bad) < MAX_REPORTED_BAD_LINES:
                     summary.first_bad.append(BadLine(paths[path_index], line, reason))
             bar.update(result.nbytes)
         for builder in builders:
