@@ -1,10 +1,26 @@
 """Helpers for model-equivalence tests: tiny configs, deterministic batches, gathering TP shards."""
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
 from megagpt.arguments import ModelConfig
+
+
+PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pretrain_gpt.py")
+
+
+def tiny_cli(global_batch_size: int, train_iters: int) -> list[str]:
+    """Command line of examples/pretrain_gpt.py for a 2-layer h=64 GPT on mock byte tokens, dropout off, one
+    thread, logging every iteration."""
+    return [sys.executable, PRETRAIN, "--mock-data", "--tokenizer-type", "ByteTokenizer", "--num-layers", "2",
+            "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings",
+            "32", "--micro-batch-size", "2", "--global-batch-size", str(global_batch_size), "--train-iters",
+            str(train_iters), "--eval-iters", "0", "--log-interval", "1", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--num-threads", "1"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

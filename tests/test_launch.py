@@ -78,12 +78,8 @@ def test_mpiexec_launch_trains_like_a_single_process():
     if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py/mpiexec not installed (optional: make install-mpi)")
     from megagpt.parallel.launch import free_port
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, os.path.join(repo, "examples", "pretrain_gpt.py"), "--mock-data", "--tokenizer-type",
-            "ByteTokenizer", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "0", "--log-interval", "1",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--num-threads", "1"]
+    from model_utils import tiny_cli
+    args = tiny_cli(global_batch_size=4, train_iters=3)
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     mpi = subprocess.run([mpiexec, "-n", "2"] + args + ["--tensor-model-parallel-size", "2"], capture_output=True,
                          text=True, timeout=180, env=dict(clean, MASTER_PORT=str(free_port())))

@@ -65,13 +65,10 @@ def test_cli_reports_parameters_and_measured_memory_after_the_first_step():
     import re
 
     from megagpt.parallel.launch import free_port
+    from model_utils import tiny_cli
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_gpt.py"), "--mock-data",
-                           "--tokenizer-type", "ByteTokenizer", "--num-layers", "2", "--hidden-size", "64",
-                           "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
-                           "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
-                           "--eval-iters", "0", "--log-interval", "1"], capture_output=True, text=True, env=env,
+    proc = subprocess.run(tiny_cli(global_batch_size=2, train_iters=2), capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     n = int(re.search(r"> rank 0 \(tp 0, pp 0, dp 0\): ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
