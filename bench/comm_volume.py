@@ -103,6 +103,7 @@ def _config(tp: int, sp: bool, a: dict):
 
 def measure_rank(tp: int, sp: bool, a: dict) -> dict:
     """One rank: set up, then count bytes of (fwd+bwd) and (optimizer step) of one training step."""
+    from megagpt.engines.native import run_schedule
     from megagpt.parallel import comm
     from megagpt.training import setup
 
@@ -110,10 +111,12 @@ def measure_rank(tp: int, sp: bool, a: dict) -> dict:
     _install_wire_counters(_ranks(ps.tp_group))
     for model in trainer.chunks:
         model.train()
-    trainer.optimizer.zero_grad()
+    optimizer = trainer.engine.optimizer
+    optimizer.zero_grad()
+    batches = trainer.train_data.next_step(trainer.num_microbatches)
     out = {}
-    for phase, run in (("fwd+bwd", lambda: trainer._run_schedule(trainer.train_data, forward_only=False)),
-                       ("optimizer", trainer.optimizer.step)):
+    for phase, run in (("fwd+bwd", lambda: run_schedule(trainer.config, trainer.chunks, ps, batches, False)),
+                       ("optimizer", optimizer.step)):
         _WIRE.clear()
         with comm.count_bytes() as counted:
             run()

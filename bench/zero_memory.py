@@ -25,7 +25,7 @@ from torch import nn
 
 from _common import free_port, print_table
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
-from megagpt.optim.mixed_precision import OptimizerConfig
+from megagpt.config import OptimConfig
 from megagpt.optim.zero import build_dp_optimizer
 from megagpt.parallel import comm
 from megagpt.parallel.state import ParallelState
@@ -47,7 +47,7 @@ def measure(hidden: int, layers: int, dtype: torch.dtype, zero: int) -> dict:
     model = build_model(hidden, layers, dtype)
     reducer = DataParallelGradReducer(model.parameters(), ps, bucket_size=BUCKET, use_distributed_optimizer=zero > 0,
                                       overlap_grad_reduce=True, zero_stage=max(zero, 1))
-    opt = build_dp_optimizer(ps, OptimizerConfig(lr=1e-3, bf16=dtype == torch.bfloat16), reducer)
+    opt = build_dp_optimizer(ps, OptimConfig(lr=1e-3, bf16=dtype == torch.bfloat16), reducer)
     x = torch.randn(8, hidden, dtype=dtype)
     counted = None
     for step in range(2):

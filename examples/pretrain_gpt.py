@@ -4,7 +4,8 @@ import sys
 
 import torch.distributed as dist
 
-from megagpt.arguments import ConfigError, parse_args
+from megagpt.cli import parse_args
+from megagpt.config import ConfigError
 from megagpt.training import pretrain
 
 

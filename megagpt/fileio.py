@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -24,8 +25,63 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    fsync_directory(folder)   # make the rename itself durable
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    import torch  # here, not at the top: data tools write through this module without needing torch loaded
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def new_directory_problem(path: str) -> Optional[str]:
+    """Why `path` cannot receive a new output directory (None: it does not exist, or is an empty directory)."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        return f"destination {path!r} exists and is not an empty directory; refusing to overwrite"
+    return None
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp_dir)` in a fresh temporary directory beside `path`, then rename it to `path`: all of it
+    appears, or nothing. `path` must not exist or be empty; on any failure the temporary directory is removed."""
+    problem = new_directory_problem(path)
+    if problem:
+        raise FileExistsError(problem)
+    dst = os.path.abspath(path)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
-        os.fsync(dir_fd)
+        write(tmp)
+        if os.path.isdir(dst):
+            os.rmdir(dst)          # empty (checked above); a rename cannot replace it while it exists
+        os.replace(tmp, dst)
+        fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fsync_directory(folder: str) -> None:
+    """Make renames inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """Flush every file under `folder` and the folders themselves (for files written by others' plain saves)."""
+    for root, _, files in os.walk(folder):
+        for path in [os.path.join(root, f) for f in files] + [root]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

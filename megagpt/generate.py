@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from megagpt.arguments import Config
+from megagpt.config import Config
 from megagpt.checkpoint.convert import OUTPUT_LAYER, ShardedCheckpoint, fit_vocab, is_vocab_tensor
 from megagpt.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from megagpt.arguments import Config
+from megagpt.config import Config
 
 
 def model_flops_per_iteration(config: Config, padded_vocab: int) -> float:

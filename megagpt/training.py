@@ -1,11 +1,12 @@
 """pretrain(): set-up, the training loop, evaluation, log lines and TensorBoard.
 
-The loop does not know which pipeline schedule runs, whether the optimizer is ZeRO-sharded, or which precision is
-used: it hands a `forward_step` closure to `pipeline.schedules.forward_backward` and calls `optimizer.step()`.
+The loop does not know which pipeline schedule runs, whether the optimizer is ZeRO-sharded, which precision is
+used, or whether DeepSpeed runs the step: the Trainer feeds micro-batches to one `engines.Engine`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -14,19 +15,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.arguments import Config, ConfigError, data_prefixes, num_microbatches, num_model_chunks, validate
-from megagpt.checkpoint.sharded import load_checkpoint, save_checkpoint, set_rng_state
+from megagpt.checkpoint.format import checkpoint_format_problem
+from megagpt.checkpoint.sharded import set_rng_state
+from megagpt.config import (Config, ConfigError, data_prefixes, num_microbatches, num_model_chunks, raise_if,
+                            validate)
 from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks
-from megagpt.optim.builder import TrainingOptimizer
+from megagpt.engines import build_engine
+from megagpt.engines.base import Engine, MicroBatch
+from megagpt.engines.native import params_dtype
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
 from megagpt.parallel.state import ParallelState
-from megagpt.pipeline.executor import broadcast_losses, forward_backward
 from megagpt.train_log import (IterationStats, TensorBoardLog, format_log_line, format_validation_line,
                                model_flops_per_iteration)
 
@@ -42,8 +46,19 @@ class TrainResult:
     skipped_iterations: int = 0
 
 
-def _params_dtype(config: Config) -> torch.dtype:
-    return torch.bfloat16 if config.optim.bf16 else torch.float16 if config.optim.fp16 else torch.float32
+def environment_problems(config: Config) -> list[str]:
+    """What the file system says against the config: missing data or DeepSpeed config files, a --load directory
+    written by the other engine. (Arithmetic rules are config.validate's.)"""
+    problems = [f"data file {prefix + ext} does not exist" for prefix in data_prefixes(config.data.data_path)
+                for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
+    p = config.parallel
+    if p.deepspeed and p.deepspeed_config and not os.path.exists(p.deepspeed_config):
+        problems.append(f"deepspeed config {p.deepspeed_config} does not exist")
+    if config.train.load:
+        problem = checkpoint_format_problem(config.train.load, p.deepspeed)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def resolve_vocab(config: Config) -> None:
@@ -79,7 +94,7 @@ class MicroBatches:
         self.iterator: Iterator = iter(loader)
         self.device = device
 
-    def next_step(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self, count: int) -> list[MicroBatch]:
         batches = []
         for _ in range(count):
             text = next(self.iterator)["text"].to(self.device, non_blocking=True)   # [b, s+1]
@@ -99,22 +114,16 @@ def build_datasets(config: Config, launch: LaunchEnv):
 
 
 class Trainer:
-    """Holds the model chunks, optimizer and data of one rank; `train_step` and `evaluate` run one round."""
+    """Holds this rank's engine (model chunks, optimizer) and data; `train_step` and `evaluate` run one round."""
 
     def __init__(self, config: Config, ps: ParallelState, device: torch.device, launch: LaunchEnv) -> None:
         self.config, self.ps, self.device = config, ps, device
-        p = config.parallel
-        self.num_chunks = num_model_chunks(config)
         self.tracker = tp_random.model_parallel_seed(config.train.seed, ps.tp_rank, ps.pp_rank, device)
         self.chunks: list[GPTModel] = build_model_chunks(
-            config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=self.num_chunks,
-            sequence_parallel=p.sequence_parallel, params_dtype=_params_dtype(config), device=device)
+            config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=num_model_chunks(config),
+            sequence_parallel=config.parallel.sequence_parallel, params_dtype=params_dtype(config), device=device)
         self.num_microbatches = num_microbatches(config, ps.dp_size)
-        if p.deepspeed:
-            from megagpt.optim.deepspeed_backend import DeepSpeedTrainer  # optional dependency
-            self.optimizer = DeepSpeedTrainer(config, self.chunks[0], ps, self.num_microbatches, launch.local_rank)
-        else:
-            self.optimizer: TrainingOptimizer = TrainingOptimizer(config, self.chunks, ps)
+        self.engine: Engine = build_engine(config, self.chunks, ps, self.tracker, launch.local_rank)
         self.consumed_samples = 0
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.train_data = self.valid_data = None
@@ -122,20 +131,12 @@ class Trainer:
 
     def save(self, directory: str, iteration: int) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it)."""
-        if self.config.parallel.deepspeed:
-            self.optimizer.save_checkpoint(directory, iteration, self.config, self.ps, self.tracker,
-                                           self.consumed_samples)
-        else:
-            save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
-                            self.consumed_samples)
+        self.engine.save(directory, iteration, self.consumed_samples)
 
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
         to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
-        if self.config.parallel.deepspeed:
-            loaded = self.optimizer.load_checkpoint(directory, self.config, self.ps)
-        else:
-            loaded = load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
+        loaded = self.engine.load(directory)
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
         return loaded.rng_state
 
@@ -152,32 +153,8 @@ class Trainer:
         self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
         self.valid_data = make(valid, 0) if valid is not None else None
 
-    @property
-    def activation_shape(self) -> tuple[int, int, int]:
-        s = self.config.model.seq_length
-        if self.config.parallel.sequence_parallel:
-            s //= self.ps.tp_size
-        return (s, self.config.train.micro_batch_size, self.config.model.hidden_size)
-
-    def _run_schedule(self, data: Optional[MicroBatches], forward_only: bool) -> float:
-        batches = data.next_step(self.num_microbatches) if data is not None else []
-        scale = 1.0 if forward_only else self.optimizer.loss_scale
-
-        def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
-            model = self.chunks[chunk]
-            tokens, labels = batches[microbatch] if batches else (None, None)
-            out = model(tokens=tokens if model.pre_process else None, input_tensor=input_tensor,
-                        labels=labels if model.post_process else None)
-            if not model.post_process:
-                return out, None
-            loss = out.float().mean()                    # token mean of this micro-batch
-            return loss * (scale / self.num_microbatches), loss.detach()
-
-        losses = forward_backward(forward_step, self.num_microbatches, self.ps, self.activation_shape,
-                                  _params_dtype(self.config), self.device, num_chunks=self.num_chunks,
-                                  forward_only=forward_only,
-                                  on_instruction=None if forward_only else self.optimizer.on_instruction)
-        return self._mean_over_dp(broadcast_losses(losses, self.ps, self.device))
+    def _next_batches(self, data: Optional[MicroBatches]) -> list[MicroBatch]:
+        return data.next_step(self.num_microbatches) if data is not None else []
 
     def _mean_over_dp(self, loss: float) -> float:
         """Mean over DP ranks of this rank's loss (each already a mean over its micro-batches)."""
@@ -188,21 +165,16 @@ class Trainer:
     def train_step(self) -> tuple[float, bool, Optional[float]]:
         for model in self.chunks:
             model.train()
-        if self.config.parallel.deepspeed:
-            loss, ok, grad_norm = self.optimizer.train_step(self.train_data.next_step(self.num_microbatches))
-            loss = self._mean_over_dp(loss)
-        else:
-            self.optimizer.zero_grad()
-            loss = self._run_schedule(self.train_data, forward_only=False)
-            ok, grad_norm = self.optimizer.step()
+        loss, ok, grad_norm = self.engine.train_step(self._next_batches(self.train_data))
         self.consumed_samples += self.config.train.global_batch_size
-        return loss, ok, grad_norm
+        return self._mean_over_dp(loss), ok, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         for model in self.chunks:
             model.eval()
-        losses = [self._run_schedule(self.valid_data, forward_only=True) for _ in range(self.config.train.eval_iters)]
+        losses = [self._mean_over_dp(self.engine.eval_step(self._next_batches(self.valid_data)))
+                  for _ in range(self.config.train.eval_iters)]
         return float(np.mean(losses))
 
 
@@ -219,7 +191,7 @@ def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
 def print_memory(trainer: Trainer, ps: ParallelState, iteration: int) -> None:
     """Each rank's bytes of params, grads and optimizer state, measured from the tensors. Printed after the
     first step, since the optimizer creates its state (Adam moments) then."""
-    mem = trainer.optimizer.memory_bytes()
+    mem = trainer.engine.memory_bytes()
     _print_in_rank_order(f" > rank {ps.rank} memory after iteration {iteration}: "
                          + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()), ps)
 
@@ -236,6 +208,7 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     """Validate, join the process group, build groups, model, optimizer and data for this rank."""
     launch = detect_launch_env()
     validate(config, launch.world_size)  # clear errors before any process group or allocation
+    raise_if(environment_problems(config))
     resolve_vocab(config)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -282,8 +255,8 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
                 iteration=iteration, train_iters=t.train_iters, consumed_samples=trainer.consumed_samples,
                 elapsed_ms=elapsed * 1000.0, tflops_per_gpu=flops / elapsed / ps.world_size / 1e12,
                 tokens_per_second=t.global_batch_size * config.model.seq_length / elapsed,
-                learning_rate=trainer.optimizer.learning_rate, global_batch_size=t.global_batch_size,
-                lm_loss=float(np.mean(window_losses)), loss_scale=trainer.optimizer.loss_scale,
+                learning_rate=trainer.engine.learning_rate, global_batch_size=t.global_batch_size,
+                lm_loss=float(np.mean(window_losses)), loss_scale=trainer.engine.loss_scale,
                 grad_norm=grad_norm, skipped_iterations=result.skipped_iterations,
                 nan_iterations=sum(1 for x in window_losses if not np.isfinite(x)))
             if is_logger:

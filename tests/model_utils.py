@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megagpt.arguments import ModelConfig
+from megagpt.config import ModelConfig
 
 
 PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pretrain_gpt.py")

@@ -16,7 +16,7 @@ import megagpt.training as training
 from distributed import run_distributed
 from megagpt.fileio import atomic_write
 from megagpt.checkpoint import sharded
-from megagpt.checkpoint.sharded import CheckpointError, read_tracker
+from megagpt.checkpoint.format import CheckpointError, read_tracker
 from megagpt.training import config_for_test, setup, train_loop
 
 TOTAL, FIRST = 6, 3

@@ -96,7 +96,7 @@ def test_pp_tied_embedding_counted_once():
 def _optimizer_norms() -> list:
     """TP=2 x DP=2: real backward with known grads (SP grads partial per TP rank), finalize, optimizer step."""
     from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
-    from megagpt.optim.mixed_precision import OptimizerConfig
+    from megagpt.config import OptimConfig
     from megagpt.optim.zero import build_dp_optimizer
     from megagpt.parallel.state import ParallelState
 
@@ -111,7 +111,7 @@ def _optimizer_norms() -> list:
             p.grad = None
         reducer = DataParallelGradReducer(list(params.values()), ps, bucket_size=20,
                                           use_distributed_optimizer=zero > 0, zero_stage=max(zero, 1))
-        opt = build_dp_optimizer(ps, OptimizerConfig(lr=0.0, clip_grad=1.0), reducer)
+        opt = build_dp_optimizer(ps, OptimConfig(lr=0.0, clip_grad=1.0), reducer)
         opt.zero_grad()
         sum((p * targets[n]).sum() for n, p in params.items()).backward()
         finalize_model_grads(list(params.values()), ps, reducer)

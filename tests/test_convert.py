@@ -20,7 +20,7 @@ from distributed import run_distributed
 from model_utils import gather_tp
 from megagpt.checkpoint import sharded
 from megagpt.checkpoint.convert import ConversionError, reshard
-from megagpt.checkpoint.sharded import CheckpointError
+from megagpt.checkpoint.format import CheckpointError
 from megagpt.training import config_for_test, setup, train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,9 +280,9 @@ def small_ckpt(tmp_path_factory):
 
 def test_reshard_bad_layouts_are_clear_errors(small_ckpt, tmp_path):
     dst = str(tmp_path / "out")
-    with pytest.raises(ConversionError, match="num-attention-heads 4 is not divisible by target tensor-parallel size 3"):
+    with pytest.raises(ConversionError, match="num-attention-heads 4 is not divisible by target tensor-model-parallel-size 3"):
         reshard(small_ckpt, dst, 3, 1)
-    with pytest.raises(ConversionError, match="num-layers 2 is not divisible by target pipeline-parallel size 3"):
+    with pytest.raises(ConversionError, match="num-layers 2 is not divisible by target pipeline-model-parallel-size 3"):
         reshard(small_ckpt, dst, 1, 3)
     with pytest.raises(CheckpointError, match="does not exist"):
         reshard(str(tmp_path / "nowhere"), dst, 1, 1)
@@ -364,8 +364,8 @@ def test_hf_weights_that_do_not_fit_are_clear_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"(?s)missing tensor transformer.h.1.mlp.c_fc.bias.*lm_head.weight "
                                               "differs"):
         import_hf(state, str(tmp_path / "out"), 1, 1, config=hf.config)
-    with pytest.raises(ConversionError, match="num-attention-heads 4 is not divisible by target tensor-parallel "
-                                              "size 8"):
+    with pytest.raises(ConversionError, match="num-attention-heads 4 is not divisible by target "
+                                              "tensor-model-parallel-size 8"):
         import_hf(hf.state_dict(), str(tmp_path / "out"), 8, 1, config=hf.config)
     with pytest.raises(ConversionError, match="no config.json"):
         import_hf(str(tmp_path / "nowhere"), str(tmp_path / "out"), 1, 1)

@@ -14,8 +14,8 @@ import torch
 
 import megagpt.training as training
 from distributed import run_distributed
-from megagpt.arguments import ConfigError, validate
-from megagpt.training import setup, train_loop
+from megagpt.config import ConfigError, raise_if, validate
+from megagpt.training import environment_problems, setup, train_loop
 from model_utils import gather_tp
 from test_training import _config, reference
 
@@ -68,7 +68,7 @@ def _train_deepspeed(ds_paths: dict, tp: int) -> dict:
         partitions = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in trainer.chunks[0].named_parameters()
                       if hasattr(p, "ds_tensor")}
         losses = train_loop(config, trainer, ps, log=False).losses
-        out[case] = losses, _full_weights(trainer), partitions, trainer.optimizer.engine.zero_cpu_offload()
+        out[case] = losses, _full_weights(trainer), partitions, trainer.engine.engine.zero_cpu_offload()
     return out
 
 
@@ -111,7 +111,7 @@ TOTAL, FIRST = 4, 2
 def _resume_worker(ds_path: str, ckpt: str, tp: int):
     """Straight 4 iterations; 2 + save; a NEW setup loading at 2 and training to 4; a resume without RNG restore.
     Dropout is on, so the resumed losses equal the straight ones only if every RNG stream is restored."""
-    from megagpt.optim.deepspeed_backend import checkpoint_format_problem
+    from megagpt.checkpoint.format import checkpoint_format_problem
 
     def run(**overrides):
         config = _ds_config(ds_path, **{**dict(train_iters=TOTAL, lr_decay_iters=TOTAL, hidden_dropout=0.1,
@@ -203,7 +203,7 @@ def test_deepspeed_crash_mid_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_checkpoint_format_mismatch_is_a_config_error(tmp_path):
-    """--load of the other backend's checkpoint fails in validate(), before any process group or model."""
+    """--load of the other backend's checkpoint is refused by set-up's file checks, before any process group."""
     ds_dir, native_dir = tmp_path / "ds", tmp_path / "native"
     ds_dir.mkdir(), native_dir.mkdir()
     (ds_dir / "latest").write_text("global_step2")
@@ -211,12 +211,12 @@ def test_checkpoint_format_mismatch_is_a_config_error(tmp_path):
     config = _config()
     config.train.load = str(ds_dir)
     with pytest.raises(ConfigError, match="holds a DeepSpeed checkpoint .* --deepspeed was not given"):
-        validate(config, world_size=2)
+        raise_if(environment_problems(config))
     config.parallel.deepspeed, config.train.load = True, str(native_dir)
     with pytest.raises(ConfigError, match="holds a native megagpt checkpoint .* but --deepspeed was given"):
-        validate(config, world_size=2)
+        raise_if(environment_problems(config))
     config.train.load = str(ds_dir)
-    validate(config, world_size=2)
+    assert environment_problems(config) == []
 
 
 def test_deepspeed_rejects_pipeline_sequence_parallel_and_native_zero():

@@ -4,7 +4,8 @@ import subprocess
 
 import pytest
 
-from megagpt.arguments import num_model_chunks, num_parameters, parse_args, validate
+from megagpt.cli import parse_args
+from megagpt.config import num_model_chunks, num_parameters, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megagpt.optim.mixed_precision import ConstantLossScaler, DynamicLossScaler, OptimizerConfig, build_loss_scaler
+from megagpt.config import OptimConfig, optimizer_problems
+from megagpt.optim.mixed_precision import ConstantLossScaler, DynamicLossScaler, build_loss_scaler
 from test_zero import dp_train, pack, reference_run, unpack
 
 
@@ -37,15 +38,14 @@ def test_dynamic_scaler_state_round_trip():
 
 
 def test_scaler_choice():
-    assert build_loss_scaler(OptimizerConfig(bf16=True)) is None
-    assert build_loss_scaler(OptimizerConfig()) is None
-    assert isinstance(build_loss_scaler(OptimizerConfig(fp16=True)), DynamicLossScaler)
-    constant = build_loss_scaler(OptimizerConfig(fp16=True, loss_scale=128.0))
+    assert build_loss_scaler(OptimConfig(bf16=True)) is None
+    assert build_loss_scaler(OptimConfig()) is None
+    assert isinstance(build_loss_scaler(OptimConfig(fp16=True)), DynamicLossScaler)
+    constant = build_loss_scaler(OptimConfig(fp16=True, loss_scale=128.0))
     assert isinstance(constant, ConstantLossScaler)
     constant.update(True)
     assert constant.scale == 128.0
-    with pytest.raises(ValueError):
-        OptimizerConfig(bf16=True, fp16=True)
+    assert optimizer_problems(OptimConfig(bf16=True, fp16=True)) == ["--bf16 and --fp16 are mutually exclusive"]
 
 
 def _fp16_overflow(out_dir: str) -> str:

@@ -87,7 +87,7 @@ def test_embedding_group_is_single_rank_without_pipeline():
     (4, 0, 1, None, ["tensor-model-parallel-size", "0"]),
     (4, 1, -1, None, ["pipeline-model-parallel-size", "-1"]),
     (0, 1, 1, None, ["world size", "0"]),
-    (4, 2, 1, 2, ["virtual pipeline", "(2)"]),
+    (4, 2, 1, 2, ["interleaving", "(2 model chunks per rank)", "> 1"]),
 ])
 def test_bad_sizes_raise_with_the_numbers(world, tp, pp, virtual, needles):
     with pytest.raises(ParallelConfigError) as info:

@@ -268,7 +268,7 @@ def test_no_pipelining_and_exact_lists():
 
 
 def test_bad_schedules_raise_naming_numbers():
-    with pytest.raises(ValueError, match="micro-batches 6 .* 4"):
+    with pytest.raises(ValueError, match=r"micro-batches per step \(6\) .* 4"):
         schedule_interleaved(6, 4, 0, 2)
     with pytest.raises(ValueError, match="pipeline rank 4"):
         schedule_1f1b(4, 4, 4)

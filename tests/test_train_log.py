@@ -1,7 +1,7 @@
 """The log line is parsed by users' tools: its fields and format are fixed."""
 import re
 
-from megagpt.arguments import Config
+from megagpt.config import Config
 from megagpt.train_log import IterationStats, format_log_line, format_validation_line, model_flops_per_iteration
 
 

@@ -14,6 +14,7 @@ from distributed import run_distributed
 
 IN, HID, OUT, BATCH, STEPS = 12, 32, 6, 16, 5
 LR, WD, CLIP, BUCKET = 1e-2, 0.1, 0.5, 200
+BETAS = (0.9, 0.95)   # not torch's default, so a dropped setting shows
 def pack(obj, out_dir: str) -> str:
     """Results go through a file: run_distributed's queue cannot carry tensors (shared-memory handles die with
     the child) nor payloads larger than a pipe buffer (the parent joins before it reads)."""
@@ -47,7 +48,8 @@ def reference_run(steps: int = STEPS, clip: float = CLIP):
     model = build_model()
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": WD},
-                             {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}], lr=LR)
+                             {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}], lr=LR,
+                            betas=BETAS)
     losses, norms = [], []
     for step in range(steps):
         x, y = batch(step)
@@ -70,7 +72,7 @@ def dp_train(zero_stage: int, overlap: bool, steps: int = STEPS, micro: int = 2,
     import torch.distributed as dist
 
     from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
-    from megagpt.optim.mixed_precision import OptimizerConfig
+    from megagpt.config import OptimConfig
     from megagpt.optim.zero import build_dp_optimizer
     from megagpt.parallel import comm
     from megagpt.parallel.state import ParallelState
@@ -81,8 +83,9 @@ def dp_train(zero_stage: int, overlap: bool, steps: int = STEPS, micro: int = 2,
     reducer = DataParallelGradReducer(model.parameters(), ps, bucket_size=BUCKET,
                                       use_distributed_optimizer=zero_stage > 0, overlap_grad_reduce=overlap,
                                       zero_stage=max(zero_stage, 1))
-    config = OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, bf16=dtype == torch.bfloat16,
-                             fp16=dtype == torch.float16, **config_overrides)
+    config = OptimConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+                         bf16=dtype == torch.bfloat16,
+                         fp16=dtype == torch.float16, **config_overrides)
     opt = build_dp_optimizer(ps, config, reducer, names)
     if resume is not None:
         with torch.no_grad():
@@ -216,7 +219,7 @@ def test_zero2_releases_unowned_grads(runs):
 def _resume(zero_stage: int, out_dir: str) -> str:
     """3 steps, save, rebuild from the saved state, 2 more steps; and 5 uninterrupted steps (bf16)."""
     from megagpt.optim.grad_buffer import DataParallelGradReducer
-    from megagpt.optim.mixed_precision import OptimizerConfig
+    from megagpt.config import OptimConfig
     from megagpt.optim.zero import DistributedOptimizer
     from megagpt.parallel.state import ParallelState
 
@@ -231,7 +234,7 @@ def _resume(zero_stage: int, out_dir: str) -> str:
         ps = ParallelState(1, 1)
         model = build_model(torch.bfloat16)
         reducer = DataParallelGradReducer(model.parameters(), ps, BUCKET, True, False, zero_stage)
-        opt = DistributedOptimizer(model.parameters(), ps, OptimizerConfig(lr=LR, bf16=True), reducer,
+        opt = DistributedOptimizer(model.parameters(), ps, OptimConfig(lr=LR, bf16=True), reducer,
                                    {p: n for n, p in model.named_parameters()})
         try:
             opt.load_state_dict(dict(saved, dp_rank=(ps.dp_rank + 1) % ps.dp_size))

@@ -20,7 +20,7 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megagpt.checkpoint.convert import ConversionError, reshard  # noqa: E402
-from megagpt.checkpoint.sharded import CheckpointError, read_metadata  # noqa: E402
+from megagpt.checkpoint.format import CheckpointError, read_metadata  # noqa: E402
 
 
 def _layout_flags(p: argparse.ArgumentParser) -> None:

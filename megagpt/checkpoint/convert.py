@@ -20,17 +20,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import socket
 from collections import defaultdict
 from typing import Any, Iterable, Optional, Protocol
 
 import torch
 from tqdm import tqdm
 
-from megagpt.arguments import ModelConfig
-from megagpt.checkpoint.sharded import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, atomic_torch_save,
-                                        atomic_write_text, is_converted, iteration_dir, read_metadata, shard_dir)
+from megagpt.checkpoint.format import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, is_converted,
+                                       iteration_dir, model_key, read_metadata, shard_dir, zero_shard_file)
+from megagpt.config import ModelConfig, layout_problems
+from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import WORD_EMBEDDING, stage_layer_ids
 from megagpt.parallel.layers import pad_vocab_size
 
@@ -58,27 +57,10 @@ class Source(Protocol):
 # ---- layout arithmetic --------------------------------------------------------------------------------------
 def check_target_layout(model: dict, tp: int, pp: int, chunks: int = 1) -> None:
     """Raise ConversionError naming the numbers when the model cannot be split TP x PP (x virtual chunks)."""
-    heads, layers, ffn = model["num_attention_heads"], model["num_layers"], ModelConfig(**model).ffn_size
-    problems = []
-    if tp < 1 or pp < 1 or chunks < 1:
-        problems.append(f"parallel sizes must be >= 1, got TP={tp} PP={pp} virtual chunks={chunks}")
-    else:
-        if heads % tp:
-            problems.append(f"num-attention-heads {heads} is not divisible by target tensor-parallel size {tp}")
-        if ffn % tp:
-            problems.append(f"ffn-hidden-size {ffn} is not divisible by target tensor-parallel size {tp}")
-        if layers % (pp * chunks):
-            problems.append(f"num-layers {layers} is not divisible by target pipeline-parallel size {pp} x "
-                            f"virtual chunks {chunks}")
-        if chunks > 1 and pp < 2:
-            problems.append("virtual pipeline chunks need a target pipeline-parallel size > 1")
+    problems = layout_problems(tp, pp, num_attention_heads=model["num_attention_heads"], num_layers=model["num_layers"],
+                               ffn_size=ModelConfig(**model).ffn_size, virtual_chunks=chunks, what="target ")
     if problems:
         raise ConversionError("cannot convert to this layout:\n  - " + "\n  - ".join(problems))
-
-
-def model_key(chunk: int, num_chunks: int) -> str:
-    """Key of a chunk's state dict in model_optim_rng.pt (as sharded.py writes it)."""
-    return "model" if num_chunks == 1 else f"model{chunk}"
 
 
 def is_vocab_tensor(name: str, info: dict) -> bool:
@@ -141,9 +123,6 @@ class ShardedCheckpoint:
     def _path(self, tp: int, pp: int, name: str = MODEL_FILE) -> str:
         return os.path.join(shard_dir(self.directory, self.iteration, tp, pp), name)
 
-    def _zero_file(self, dp: int) -> str:
-        return f"distrib_optim_dp{dp:03d}.pt"
-
     def _check(self) -> None:
         model = self.meta["config"]["model"]
         emb = self.meta["tensors"].get(WORD_EMBEDDING)
@@ -153,7 +132,7 @@ class ShardedCheckpoint:
         if emb["shape"][0] != padded:
             raise ConversionError(f"vocab mismatch in {self.directory}: {WORD_EMBEDDING} has {emb['shape'][0]} rows "
                                   f"but vocab_size {model['vocab_size']} pads to {padded} at TP={self.tp}")
-        names = [MODEL_FILE] + ([self._zero_file(d) for d in range(self.dp)] if self.zero else [])
+        names = [MODEL_FILE] + ([os.path.basename(zero_shard_file("", d)) for d in range(self.dp)] if self.zero else [])
         missing = [self._path(t, p, n) for t in range(self.tp) for p in range(self.pp) for n in names
                    if not os.path.isfile(self._path(t, p, n))]
         if missing:
@@ -209,7 +188,7 @@ class ShardedCheckpoint:
         if (tp, pp) not in self._zero_index:
             index = defaultdict(list)
             for d in range(self.dp):
-                optim = self._load(self._path(tp, pp, self._zero_file(d)))["optimizer"]["optimizer"]
+                optim = self._load(zero_shard_file(shard_dir(self.directory, self.iteration, tp, pp), d))["optimizer"]["optimizer"]
                 for name, where in optim["shard_layout"].items():
                     index[name].append((where["start"], where["end"], optim["param_state"][name]))
             self._zero_index[(tp, pp)] = {n: sorted(p, key=lambda x: x[0]) for n, p in index.items()}
@@ -219,7 +198,7 @@ class ShardedCheckpoint:
         state = self._load(self._path(0, 0))
         if "optimizer" in state:
             return state["optimizer"]["optimizer"]
-        return self._load(self._path(0, 0, self._zero_file(0)))["optimizer"]["optimizer"] if self.zero else None
+        return self._load(zero_shard_file(shard_dir(self.directory, self.iteration, 0, 0), 0))["optimizer"]["optimizer"] if self.zero else None
 
     def optimizer_common(self) -> Optional[dict]:
         optim = self._first_optimizer()
@@ -262,45 +241,9 @@ def target_config(config: dict, tp: int, pp: int, chunks: int) -> dict:
 
 def check_destination(dst_dir: str) -> None:
     """Outputs go to a directory that does not exist or is empty: never merged into, never overwritten."""
-    dst = os.path.abspath(dst_dir)
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ConversionError(f"destination {dst_dir!r} exists and is not an empty directory; refusing to overwrite")
-
-
-def _prepare_destination(dst_dir: str) -> str:
-    """A fresh temporary directory beside `dst_dir` (checked by `check_destination`)."""
-    check_destination(dst_dir)
-    dst = os.path.abspath(dst_dir)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def commit_directory(tmp: str, dst_dir: str) -> None:
-    """Rename the finished temporary directory to its final name (atomic: all of it appears, or nothing)."""
-    dst = os.path.abspath(dst_dir)
-    if os.path.isdir(dst):
-        os.rmdir(dst)          # empty (checked before any work); rename cannot replace it while it exists
-    os.replace(tmp, dst)
-    fd = os.open(os.path.dirname(dst), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_in_temp_dir(dst_dir: str, write) -> None:
-    """Run `write(tmp_dir)`, then move the result to `dst_dir`; on any failure remove the temporary directory."""
-    tmp = _prepare_destination(dst_dir)
-    try:
-        write(tmp)
-        commit_directory(tmp, dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    problem = new_directory_problem(dst_dir)
+    if problem:
+        raise ConversionError(problem)
 
 
 def write_checkpoint(source: Source, dst_dir: str, tp: int, pp: int, chunks: int = 1,
@@ -325,7 +268,7 @@ def write_checkpoint(source: Source, dst_dir: str, tp: int, pp: int, chunks: int
         _save_metadata(tmp, meta, plan, tp, pp, chunks)
         atomic_write_text(f"{meta['iteration']}\n", os.path.join(tmp, TRACKER_FILE))
 
-    write_in_temp_dir(dst_dir, write)
+    write_directory_atomically(dst_dir, write)
     return iteration_dir(dst_dir, meta["iteration"])
 
 

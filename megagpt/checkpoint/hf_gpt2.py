@@ -16,9 +16,10 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from megagpt.arguments import Config, ModelConfig
+from megagpt.config import Config, ModelConfig
 from megagpt.checkpoint.convert import (ConversionError, ShardedCheckpoint, check_destination, check_target_layout,
-                                        write_checkpoint, write_in_temp_dir)
+                                        write_checkpoint)
+from megagpt.fileio import write_directory_atomically
 from megagpt.model.gpt import WORD_EMBEDDING
 
 # Causal-mask buffers that older transformers versions saved with the weights: not parameters.
@@ -153,7 +154,7 @@ def save_hf(state: Mapping[str, torch.Tensor], config: Any, hf_dir: str) -> None
         model.tie_weights()
         model.save_pretrained(tmp)
 
-    write_in_temp_dir(hf_dir, write)
+    write_directory_atomically(hf_dir, write)
 
 
 # ---- import -------------------------------------------------------------------------------------------------

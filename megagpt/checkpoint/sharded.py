@@ -1,15 +1,6 @@
 """Sharded checkpoints in Megatron's legacy layout: per-rank shards, atomic writes, exact resume.
 
-Layout under the checkpoint directory (DESIGN.md "Checkpoints"):
-```
-latest_checkpointed_iteration.txt          iteration number; written last, after every rank's files are on disk
-iter_0000100/
-  metadata.json                            global rank 0: config, layout, iteration, tensors (global shape, TP dim)
-  mp_rank_{tp:02d}_{pp:03d}/
-    model_optim_rng.pt                     DP rank 0 of (tp, pp): model chunks, optimizer (non-ZeRO) + scheduler
-    distrib_optim_dp{dp:03d}.pt            every DP rank with --use-distributed-optimizer: its ZeRO shard
-    rng_dp{dp:03d}.pt                      every rank: its own RNG states
-```
+File names and layout metadata are format.py's (the layout is drawn there).
 RNG states differ on every rank (the dropout streams depend on TP and PP rank, and the default generator has
 drawn differently once data loaders exist), so each rank keeps its own small `rng_dp*.pt` in its (tp, pp) folder
 instead of Megatron's DP-gathered list: no collective is needed to save or restore them. `model_optim_rng.pt`
@@ -36,24 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megagpt.arguments import Config, ModelConfig
-from megagpt.fileio import atomic_write
+from megagpt.checkpoint.format import (FORMAT_VERSION, METADATA_FILE, MODEL_FILE, TRACKER_FILE, CheckpointError,
+                                       check_compatible, is_converted, iteration_dir, layout_of, model_key,
+                                       read_metadata, rng_file, shard_dir, zero_shard_file)
+from megagpt.config import Config
+from megagpt.fileio import atomic_torch_save, atomic_write_text
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
-
-FORMAT_VERSION = 1
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-METADATA_FILE = "metadata.json"
-MODEL_FILE = "model_optim_rng.pt"
-# Model-config fields that change tensor shapes: a mismatch is reported by name, not as a torch size error.
-_ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                "max_position_embeddings", "make_vocab_size_divisible_by")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or was written for another layout."""
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -62,46 +43,6 @@ class LoadedCheckpoint:
     iteration: int
     consumed_samples: int
     rng_state: Optional[dict]     # None: a converted checkpoint, the run keeps its freshly seeded streams
-
-
-def iteration_dir(directory: str, iteration: int) -> str:
-    return os.path.join(directory, f"iter_{iteration:07d}")
-
-
-def shard_dir(directory: str, iteration: int, tp_rank: int, pp_rank: int) -> str:
-    return os.path.join(iteration_dir(directory, iteration), f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
-
-
-def layout_of(ps: ParallelState, num_chunks: int, use_distributed_optimizer: bool) -> dict:
-    """The parallel layout a checkpoint's shards depend on."""
-    return {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
-            "data_parallel_size": ps.dp_size, "virtual_pipeline_chunks": num_chunks,
-            "use_distributed_optimizer": bool(use_distributed_optimizer)}
-
-
-def is_converted(layout: dict) -> bool:
-    """A layout written by convert.py: whole-parameter optimizer state, loadable under any DP size and ZeRO."""
-    return layout.get("data_parallel_size") is None
-
-
-def _describe(layout: dict) -> str:
-    if is_converted(layout):
-        return (f"TP={layout['tensor_model_parallel_size']} PP={layout['pipeline_model_parallel_size']} DP=any "
-                f"virtual-chunks={layout['virtual_pipeline_chunks']} (converted)")
-    return (f"TP={layout['tensor_model_parallel_size']} PP={layout['pipeline_model_parallel_size']} "
-            f"DP={layout['data_parallel_size']} virtual-chunks={layout['virtual_pipeline_chunks']} "
-            f"distributed-optimizer={layout['use_distributed_optimizer']}")
-
-
-# ---- atomic file writes -------------------------------------------------------------------------------------
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 # ---- state pieces -------------------------------------------------------------------------------------------
@@ -133,10 +74,6 @@ def set_rng_state(state: dict, tracker: tp_random.RNGStatesTracker) -> None:
     if state["device"] is not None:
         tp_random.set_rng_state(state["device"], tracker.device)
     tracker.set_states({k: v.to(torch.uint8) for k, v in state["tracker"].items()})
-
-
-def _model_keys(chunks: list[nn.Module]) -> list[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
 def _local_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
@@ -194,15 +131,15 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
         state = {"iteration": iteration, "consumed_samples": consumed_samples, "checkpoint_version": FORMAT_VERSION,
                  "config": config.to_dict(), "layout": layout, "rng_state": rng,
                  "opt_param_scheduler": optim_state["scheduler"]}
-        for key, chunk in zip(_model_keys(chunks), chunks):
-            state[key] = _to_cpu(chunk.state_dict())
+        for c, chunk in enumerate(chunks):
+            state[model_key(c, len(chunks))] = _to_cpu(chunk.state_dict())
         if not zero:
             state["optimizer"] = optim_state
         atomic_torch_save(state, os.path.join(folder, MODEL_FILE))
     if zero:
         atomic_torch_save({"iteration": iteration, "layout": layout, "optimizer": optim_state},
-                          os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))
-    atomic_torch_save(rng, os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
+                          zero_shard_file(folder, ps.dp_rank))
+    atomic_torch_save(rng, rng_file(folder, ps.dp_rank))
     if ps.rank == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
                 "layout": layout, "tokenizer_type": config.data.tokenizer_type,
@@ -218,59 +155,6 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
 
 
 # ---- load ---------------------------------------------------------------------------------------------------
-def read_tracker(directory: str) -> int:
-    """The iteration named by `latest_checkpointed_iteration.txt` (clear error when absent or malformed)."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
-    path = os.path.join(directory, TRACKER_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no {TRACKER_FILE} in {directory!r}: no complete checkpoint was saved there")
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
-
-
-def read_metadata(directory: str, iteration: Optional[int] = None) -> dict:
-    """metadata.json of `iteration` (default: the tracker's)."""
-    iteration = read_tracker(directory) if iteration is None else iteration
-    path = os.path.join(iteration_dir(directory, iteration), METADATA_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint of iteration {iteration} in {directory!r} has no {METADATA_FILE}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta.get('format_version')}, this code reads "
-                              f"{FORMAT_VERSION}")
-    return meta
-
-
-def check_compatible(meta: dict, config: Config, ps: ParallelState, num_chunks: int) -> None:
-    """Raise CheckpointError naming both layouts (or the differing model fields) when shards cannot load here."""
-    here = layout_of(ps, num_chunks, config.parallel.use_distributed_optimizer)
-    comparable = here
-    if is_converted(meta["layout"]):   # DP size and ZeRO are chosen at load time
-        comparable = {**here, "data_parallel_size": None, "use_distributed_optimizer": False}
-    if meta["layout"] != comparable:
-        raise CheckpointError(f"checkpoint of iteration {meta['iteration']} was saved with parallel layout "
-                              f"[{_describe(meta['layout'])}] but this run uses [{_describe(here)}]; "
-                              f"reshard it with megagpt.checkpoint.convert first")
-    saved, ours = _resolved_arch(meta["config"]["model"]), _resolved_arch(config.to_dict()["model"])
-    diff = [f"{k}: saved {saved[k]}, here {ours[k]}" for k in _ARCH_FIELDS if saved[k] != ours[k]]
-    if diff:
-        raise CheckpointError("checkpoint model differs from this config: " + "; ".join(diff))
-
-
-def _resolved_arch(model: dict) -> dict:
-    """Shape-defining fields with defaults resolved (ffn None = 4h, positions None = seq_length), so a checkpoint
-    that spells a default out (e.g. imported from Hugging Face) matches a run that leaves it implicit."""
-    cfg = ModelConfig(**model)
-    out = {k: getattr(cfg, k) for k in _ARCH_FIELDS}
-    out["ffn_hidden_size"], out["max_position_embeddings"] = cfg.ffn_size, cfg.max_positions
-    return out
-
-
 def _load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint shard {path} is missing")
@@ -289,20 +173,21 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     iteration = meta["iteration"]
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
     state = _load_file(os.path.join(folder, MODEL_FILE))
-    for key, chunk in zip(_model_keys(chunks), chunks):
+    keys = [model_key(c, len(chunks)) for c in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
         if key not in state:
             raise CheckpointError(f"{folder}/{MODEL_FILE} has no {key!r} (keys: {sorted(state)})")
         chunk.load_state_dict(state[key], strict=True)   # copies in place: params stay views of their buffers
     if is_converted(meta["layout"]):
-        weights = {n: t for key in _model_keys(chunks) for n, t in state[key].items()}
+        weights = {n: t for key in keys for n, t in state[key].items()}
         optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), state.get("optimizer"), weights))
         return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=None)
     if config.parallel.use_distributed_optimizer:
-        optim_state = _load_file(os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt"))["optimizer"]
+        optim_state = _load_file(zero_shard_file(folder, ps.dp_rank))["optimizer"]
     else:
         optim_state = state["optimizer"]
     optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
-    rng = _load_file(os.path.join(folder, f"rng_dp{ps.dp_rank:03d}.pt"))
+    rng = _load_file(rng_file(folder, ps.dp_rank))
     return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from megagpt.arguments import ModelConfig
+from megagpt.config import ModelConfig
 from megagpt.model.transformer import LayerNorm, TransformerLayer, seeded_normal_init
 from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megagpt.arguments import ModelConfig
+from megagpt.config import ModelConfig
 from megagpt.model.softmax import FusedScaleMaskSoftmax
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear

@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch.nn as nn
 
-from megagpt.arguments import Config, num_microbatches
+from megagpt.config import Config, num_microbatches
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
 from megagpt.optim.lr_schedule import LRScheduler
-from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megagpt.optim.mixed_precision import MixedPrecisionOptimizer
 from megagpt.optim.zero import DistributedOptimizer
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.schedules import Instr
@@ -30,7 +30,7 @@ class TrainingOptimizer:
             self.params, ps, bucket_size=p.ddp_bucket_size, use_distributed_optimizer=p.use_distributed_optimizer,
             overlap_grad_reduce=p.overlap_grad_reduce, zero_stage=p.zero_stage)
         optimizer_cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
-        self.optimizer = optimizer_cls(self.params, ps, OptimizerConfig.from_object(o), reducer=self.reducer,
+        self.optimizer = optimizer_cls(self.params, ps, o, reducer=self.reducer,
                                        param_names={param: name for name, param in named})
         self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
                                      o.lr_decay_iters or t.train_iters, o.lr_decay_style)

@@ -15,27 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-DECAY_STYLES = ("cosine", "linear", "constant")
-
-
-def schedule_problems(max_lr: float, min_lr: float, warmup_iters: int, decay_iters: Optional[int],
-                      decay_style: str) -> list[str]:
-    """What makes a schedule invalid, in terms of the training flags (empty when it is valid)."""
-    problems = []
-    if decay_style not in DECAY_STYLES:
-        problems.append(f"--lr-decay-style must be one of {DECAY_STYLES}, got {decay_style!r}")
-    if not 0.0 <= min_lr <= max_lr:
-        problems.append(f"need 0 <= --min-lr ({min_lr}) <= --lr ({max_lr})")
-    if warmup_iters < 0:
-        problems.append(f"--lr-warmup-iters must be >= 0, got {warmup_iters}")
-    if decay_style != "constant":
-        if decay_iters is None:
-            problems.append(f"--lr-decay-style {decay_style} needs decay iterations (--lr-decay-iters or --train-iters)")
-        elif decay_iters <= warmup_iters:
-            problems.append(f"decay iterations ({decay_iters}, --lr-decay-iters or --train-iters) must exceed "
-                            f"--lr-warmup-iters ({warmup_iters})")
-    return problems
-
+from megagpt.config import schedule_problems
 
 class LRScheduler:
     """Writes the scheduled lr into every param group of `optimizer` (anything with `param_groups`)."""

@@ -13,52 +13,15 @@ norm, clip, run the inner torch optimizer, copy masters into the model.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from megagpt.config import OptimConfig, optimizer_problems, raise_if
 from megagpt.optim.clip import clip_grads_, get_grad_norm, param_counts_toward_norm, param_grad
 from megagpt.parallel import comm
-
-
-@dataclass
-class OptimizerConfig:
-    """Optimizer hyper-parameters (field names match megagpt.arguments.OptimConfig: use `from_object`)."""
-
-    optimizer: str = "adam"                  # "adam" (AdamW, decoupled weight decay) or "sgd"
-    lr: float = 1e-4                         # initial lr; the LRScheduler overwrites it every step
-    weight_decay: float = 0.01               # applied to >= 2-D params only (not biases, not LayerNorm)
-    adam_beta1: float = 0.9                  # Adam first-moment decay
-    adam_beta2: float = 0.999                # Adam second-moment decay
-    adam_eps: float = 1e-8                   # Adam denominator epsilon
-    sgd_momentum: float = 0.9                # SGD momentum
-    clip_grad: float = 1.0                   # global grad-norm clip; 0 disables clipping (the norm is still returned)
-    bf16: bool = False                       # bf16 model params, fp32 masters
-    fp16: bool = False                       # fp16 model params, fp32 masters, loss scaling
-    loss_scale: Optional[float] = None       # fp16: constant loss scale; None = dynamic
-    initial_loss_scale: float = 2.0 ** 32    # fp16 dynamic: starting scale
-    min_loss_scale: float = 1.0              # fp16 dynamic: floor of the scale
-    loss_scale_window: int = 1000            # fp16 dynamic: clean steps before the scale doubles
-    hysteresis: int = 2                      # fp16 dynamic: overflows tolerated before backing off
-    log_num_zeros_in_grad: bool = False      # count zero grad entries each step (step()'s third value)
-
-    def __post_init__(self) -> None:
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16 and fp16 are exclusive")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
-
-    @classmethod
-    def from_object(cls, obj: object, **overrides) -> "OptimizerConfig":
-        """Copy the same-named fields of another config (e.g. arguments.OptimConfig), then `overrides`."""
-        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
-        values.update(overrides)
-        return cls(**values)
 
 
 class ConstantLossScaler:
@@ -125,7 +88,7 @@ class DynamicLossScaler:
         self.hysteresis_tracker = int(state["hysteresis_tracker"])
 
 
-def build_loss_scaler(config: OptimizerConfig):
+def build_loss_scaler(config: OptimConfig):
     """None unless fp16 (bf16 and fp32 have fp32's exponent range and need no scaling)."""
     if not config.fp16:
         return None
@@ -158,7 +121,7 @@ class _Slot:
 
 
 def build_torch_optimizer(decay: list[torch.Tensor], no_decay: list[torch.Tensor],
-                          c: OptimizerConfig) -> torch.optim.Optimizer:
+                          c: OptimConfig) -> torch.optim.Optimizer:
     """The torch optimizer every path steps with: AdamW (decoupled weight decay on `decay` only) or SGD."""
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if c.optimizer == "sgd":
@@ -176,8 +139,9 @@ class MixedPrecisionOptimizer:
 
     dp_sharded = False
 
-    def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimizerConfig, reducer=None,
+    def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimConfig, reducer=None,
                  param_names: Optional[Mapping[nn.Parameter, str]] = None) -> None:
+        raise_if(optimizer_problems(config), "invalid optimizer settings")
         self.ps, self.config, self.reducer = ps, config, reducer
         if reducer is not None:
             self.params = list(reducer.params)

@@ -22,8 +22,9 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from megagpt.config import OptimConfig
 from megagpt.optim.grad_buffer import DataParallelGradReducer
-from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig, _Slot
+from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, _Slot
 from megagpt.parallel import comm
 
 
@@ -37,7 +38,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     dp_sharded = True
 
-    def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimizerConfig,
+    def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimConfig,
                  reducer: DataParallelGradReducer,
                  param_names: Optional[Mapping[nn.Parameter, str]] = None) -> None:
         if reducer is None or not reducer.use_distributed_optimizer:
@@ -84,7 +85,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         super().load_state_dict(state)
 
 
-def build_dp_optimizer(ps, config: OptimizerConfig, reducer: DataParallelGradReducer,
+def build_dp_optimizer(ps, config: OptimConfig, reducer: DataParallelGradReducer,
                     param_names: Optional[Mapping[nn.Parameter, str]] = None) -> MixedPrecisionOptimizer:
     """DistributedOptimizer when the reducer shards (ZeRO), else MixedPrecisionOptimizer, over the reducer's params."""
     cls = DistributedOptimizer if reducer.use_distributed_optimizer else MixedPrecisionOptimizer

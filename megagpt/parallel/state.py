@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megagpt.config import layout_problems
+
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot be built from the given sizes."""
@@ -30,16 +32,9 @@ class ParallelConfigError(ValueError):
 
 def check_sizes(world_size: int, tp: int, pp: int, virtual_pp: Optional[int] = None) -> None:
     """Raise a ParallelConfigError naming the numbers when world = TP x PP x DP is impossible."""
-    for name, value in (("world size", world_size), ("tensor-model-parallel-size", tp),
-                        ("pipeline-model-parallel-size", pp)):
-        if value < 1:
-            raise ParallelConfigError(f"{name} must be >= 1, got {value}")
-    if world_size % (tp * pp) != 0:
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} x "
-            f"pipeline-model-parallel-size {pp} = {tp * pp}")
-    if virtual_pp is not None and virtual_pp > 1 and pp < 2:
-        raise ParallelConfigError(f"virtual pipeline stages ({virtual_pp}) need pipeline-model-parallel-size > 1")
+    problems = layout_problems(tp, pp, world_size=world_size, virtual_chunks=virtual_pp or 1)
+    if problems:
+        raise ParallelConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Union
 
+from megagpt.config import layout_problems
+
 COMPUTE_OPS = ("forward", "backward")
 COMM_OPS = ("recv_forward", "send_forward", "recv_backward", "send_backward")
 
@@ -75,12 +77,9 @@ def group_steps(instrs: list[Instr]) -> list[Step]:
 
 
 def _check_interleaving(num_microbatches: int, pp_size: int, num_chunks: int) -> None:
-    if pp_size < 2:
-        raise ValueError(f"interleaving ({num_chunks} model chunks per rank) needs "
-                         f"pipeline-model-parallel-size > 1, got {pp_size}")
-    if num_microbatches % pp_size != 0:
-        raise ValueError(f"interleaved schedule: number of micro-batches {num_microbatches} is not divisible "
-                         f"by pipeline-model-parallel-size {pp_size}")
+    problems = layout_problems(1, pp_size, virtual_chunks=num_chunks, num_microbatches=num_microbatches)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 Compute = tuple  # ("forward" | "backward", microbatch, chunk)

@@ -1,7 +1,9 @@
 """Config parsing, presets and validation messages (no processes)."""
 import pytest
 
-from megagpt.arguments import PRESETS, Config, ConfigError, ModelConfig, num_parameters, parse_args, validate
+from megagpt.cli import PRESETS, parse_args
+from megagpt.config import Config, ConfigError, ModelConfig, num_parameters, raise_if, validate
+from megagpt.training import environment_problems
 from megagpt.parallel.layers import pad_vocab_size
 
 
@@ -106,8 +108,9 @@ def test_batch_and_interleaving_checks():
 def test_missing_data_files_are_named(tmp_path):
     c = _valid()
     c.data.mock_data, c.data.data_path = False, [str(tmp_path / "nope_text_document")]
+    validate(c, world_size=1)      # arithmetic only: files are set-up's to check
     with pytest.raises(ConfigError, match="nope_text_document.bin does not exist"):
-        validate(c, world_size=1)
+        raise_if(environment_problems(c))
 
 
 def test_bad_learning_rate_schedule_is_a_config_error():

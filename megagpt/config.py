@@ -1,18 +1,18 @@
-"""Configs as dataclasses, Megatron-LM compatible command-line flags, and the one `validate()`.
+"""Configs as dataclasses and their arithmetic validation: the ground floor, importing nothing of megagpt.
 
-Every field's `help` is its one-line docstring; the CLI flag is the field name with dashes
-(`tensor_model_parallel_size` -> `--tensor-model-parallel-size`), so Megatron scripts port unchanged.
+Every field's `help` is its one-line docstring; cli.py turns each field into the Megatron-LM flag of the same name
+(`tensor_model_parallel_size` -> `--tensor-model-parallel-size`). The layout rules (`layout_problems`) and schedule
+rules (`schedule_problems`) live here once and are imported by the process-group builder, the pipeline schedules,
+checkpoint conversion and the planner. Checks that touch files or optional backends are training.setup's.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from megagpt.optim.lr_schedule import schedule_problems
+DECAY_STYLES = ("cosine", "linear", "constant")
 
 
 def arg(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -82,13 +82,17 @@ class OptimConfig:
     adam_beta1: float = arg(0.9, "Adam beta1")
     adam_beta2: float = arg(0.95, "Adam beta2")
     adam_eps: float = arg(1e-8, "Adam epsilon")
-    clip_grad: float = arg(1.0, "global gradient-norm clip (0 disables)")
+    optimizer: str = arg("adam", "adam (AdamW, decoupled weight decay) or sgd", choices=["adam", "sgd"])
+    sgd_momentum: float = arg(0.9, "SGD momentum")
+    clip_grad: float = arg(1.0, "global gradient-norm clip (0 disables; the norm is still computed)")
     bf16: bool = arg(False, "bf16 parameters and activations, fp32 master weights")
     fp16: bool = arg(False, "fp16 parameters and activations, fp32 master weights, dynamic loss scaling")
+    loss_scale: Optional[float] = arg(None, "fp16: constant loss scale (default: dynamic scaling)")
     initial_loss_scale: float = arg(2.0 ** 32, "fp16: initial dynamic loss scale")
     min_loss_scale: float = arg(1.0, "fp16: smallest loss scale")
     loss_scale_window: int = arg(1000, "fp16: clean iterations before the scale grows")
     hysteresis: int = arg(2, "fp16: overflows tolerated before the scale backs off")
+    log_num_zeros_in_grad: bool = arg(False, "count zero gradient entries every step")
 
 
 @dataclass
@@ -135,24 +139,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return cls(**{name: section(**d[name]) for name, section in _SECTIONS.items()})
+        return cls(**{name: section(**d[name]) for name, section in SECTIONS.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
              "train": TrainConfig, "data": DataConfig}
-
-# GPT-2 sizes from the GPT-2 paper / HF configs; 8.3B from the Megatron-LM paper (72 x 3072, 32 heads).
-PRESETS: dict[str, dict[str, int]] = {
-    "gpt2-124m": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
-    "gpt2-355m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
-    "gpt2-774m": dict(num_layers=36, hidden_size=1280, num_attention_heads=20),
-    "gpt2-1.5b": dict(num_layers=48, hidden_size=1600, num_attention_heads=25),
-    "gpt-1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16),   # GPT-3 XL depth/width
-    "megatron-8.3b": dict(num_layers=72, hidden_size=3072, num_attention_heads=32),
-}
 
 
 def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
@@ -163,53 +157,66 @@ def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
     return v * h + model.max_positions * h + L * per_layer + 2 * h
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------------ rules
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+def layout_problems(tp: int, pp: int, *, world_size: Optional[int] = None, num_attention_heads: Optional[int] = None,
+                    num_layers: Optional[int] = None, ffn_size: Optional[int] = None, virtual_chunks: int = 1,
+                    num_microbatches: Optional[int] = None, what: str = "") -> list[str]:
+    """Every rule a TP x PP (x virtual chunks) layout must satisfy, for the sizes given (None: not checked).
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="megagpt: 3D-parallel GPT pre-training",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model-size", choices=sorted(PRESETS), help="preset sizes (explicit flags override)")
-    parser.add_argument("--recompute-activations", action="store_true",
-                        help="selective recompute of the attention core (= --recompute-granularity selective)")
-    for section, cls in _SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            meta, flag, dest = f.metadata, _flag(f), f"{section}.{f.name}"
-            if f.type == "bool":
-                action = "store_false" if flag.startswith("--no-") else "store_true"
-                group.add_argument(flag, dest=dest, action=action, default=None, help=meta["help"])
-                continue
-            kind = {"int": int, "float": float}.get(str(f.type).removeprefix("Optional[").rstrip("]"), str)
-            kwargs: dict[str, Any] = dict(dest=dest, type=kind, default=None, help=meta["help"])
-            if "choices" in meta:
-                kwargs["choices"] = [c for c in meta["choices"] if c is not None]
-            if "nargs" in meta:
-                kwargs["nargs"] = meta["nargs"]
-            group.add_argument(flag, **kwargs)
-    return parser
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
-    """Parse Megatron-style flags into a Config (presets first, explicit flags win)."""
-    ns = build_parser().parse_args(argv)
-    config = Config()
-    if ns.recompute_activations:
-        config.model.recompute_granularity = "selective"
-    if ns.model_size:
-        for key, value in PRESETS[ns.model_size].items():
-            setattr(config.model, key, value)
-    for dest, value in vars(ns).items():
-        if "." in dest and value is not None:
-            section, name = dest.split(".", 1)
-            setattr(getattr(config, section), name, value)
-    return config
+    `what` prefixes the parallel-size names ("target " for conversions)."""
+    tp_name, pp_name = f"{what}tensor-model-parallel-size", f"{what}pipeline-model-parallel-size"
+    sizes = [("world size", world_size), (tp_name, tp), (pp_name, pp), ("virtual pipeline chunks", virtual_chunks)]
+    problems = [f"{name} must be >= 1, got {value}" for name, value in sizes if value is not None and value < 1]
+    if problems:
+        return problems
+    if world_size is not None and world_size % (tp * pp) != 0:
+        problems.append(f"world size {world_size} is not divisible by {tp_name} {tp} x {pp_name} {pp} = {tp * pp}")
+    if num_attention_heads is not None and num_attention_heads % tp != 0:
+        problems.append(f"num-attention-heads {num_attention_heads} is not divisible by {tp_name} {tp}")
+    if ffn_size is not None and ffn_size % tp != 0:
+        problems.append(f"ffn-hidden-size {ffn_size} is not divisible by {tp_name} {tp}")
+    if num_layers is not None and num_layers % (pp * virtual_chunks) != 0:
+        problems.append(f"num-layers {num_layers} is not divisible by {pp_name} {pp}"
+                        + (f" x virtual pipeline chunks {virtual_chunks}" if virtual_chunks > 1 else ""))
+    if virtual_chunks > 1 and pp < 2:
+        problems.append(f"interleaving ({virtual_chunks} model chunks per rank) needs {pp_name} > 1, got {pp}")
+    elif virtual_chunks > 1 and num_microbatches is not None and num_microbatches % pp != 0:
+        problems.append(f"interleaved schedule needs micro-batches per step ({num_microbatches}) to be a multiple "
+                        f"of {pp_name} {pp}")
+    return problems
 
 
-# ------------------------------------------------------------------------------------------ validate
+def schedule_problems(max_lr: float, min_lr: float, warmup_iters: int, decay_iters: Optional[int],
+                      decay_style: str) -> list[str]:
+    """What makes a learning-rate schedule invalid, in terms of the training flags (empty when it is valid)."""
+    problems = []
+    if decay_style not in DECAY_STYLES:
+        problems.append(f"--lr-decay-style must be one of {DECAY_STYLES}, got {decay_style!r}")
+    if not 0.0 <= min_lr <= max_lr:
+        problems.append(f"need 0 <= --min-lr ({min_lr}) <= --lr ({max_lr})")
+    if warmup_iters < 0:
+        problems.append(f"--lr-warmup-iters must be >= 0, got {warmup_iters}")
+    if decay_style != "constant":
+        if decay_iters is None:
+            problems.append(f"--lr-decay-style {decay_style} needs decay iterations (--lr-decay-iters or --train-iters)")
+        elif decay_iters <= warmup_iters:
+            problems.append(f"decay iterations ({decay_iters}, --lr-decay-iters or --train-iters) must exceed "
+                            f"--lr-warmup-iters ({warmup_iters})")
+    return problems
+
+
+def optimizer_problems(o: OptimConfig) -> list[str]:
+    """Optimizer and precision settings that cannot run together."""
+    problems = []
+    if o.bf16 and o.fp16:
+        problems.append("--bf16 and --fp16 are mutually exclusive")
+    if o.optimizer not in ("adam", "sgd"):
+        problems.append(f"--optimizer must be adam or sgd, got {o.optimizer!r}")
+    if o.clip_grad < 0:
+        problems.append(f"--clip-grad must be >= 0, got {o.clip_grad}")
+    return problems
+
 
 def num_microbatches(config: Config, dp_size: int) -> int:
     t = config.train
@@ -221,45 +228,37 @@ def num_model_chunks(config: Config) -> int:
     p = config.parallel
     if not p.num_layers_per_virtual_pipeline_stage:
         return 1
-    return config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+    return max(config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage),
+               1)
 
 
 def validate(config: Config, world_size: int) -> None:
-    """Check every size constraint, naming the offending numbers; raises ConfigError before any allocation."""
+    """Check every arithmetic constraint, naming the offending numbers; raises ConfigError before any allocation."""
     m, p, t, o, d = config.model, config.parallel, config.train, config.optim, config.data
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    problems: list[str] = []
-    if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
-        problems.append(f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} x "
-                        f"pipeline-model-parallel-size {pp}")
+    tp, pp, vl = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
     dp = max(world_size // max(tp * pp, 1), 1)
-    if m.hidden_size % m.num_attention_heads != 0:
-        problems.append(f"hidden-size {m.hidden_size} is not divisible by num-attention-heads {m.num_attention_heads}")
-    if m.num_attention_heads % tp != 0:
-        problems.append(f"num-attention-heads {m.num_attention_heads} is not divisible by "
-                        f"tensor-model-parallel-size {tp}")
-    if m.ffn_size % tp != 0:
-        problems.append(f"ffn-hidden-size {m.ffn_size} is not divisible by tensor-model-parallel-size {tp}")
-    if m.num_layers % pp != 0:
-        problems.append(f"num-layers {m.num_layers} is not divisible by pipeline-model-parallel-size {pp}")
-    vl = p.num_layers_per_virtual_pipeline_stage
+    batch_ok = t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0
+    problems = layout_problems(tp, pp, world_size=world_size, num_attention_heads=m.num_attention_heads,
+                               num_layers=m.num_layers, ffn_size=m.ffn_size)
     if vl is not None:
         if pp < 2:
             problems.append("--num-layers-per-virtual-pipeline-stage needs pipeline-model-parallel-size > 1")
         elif m.num_layers % (pp * vl) != 0:
             problems.append(f"num-layers {m.num_layers} is not divisible by pipeline-model-parallel-size {pp} x "
                             f"num-layers-per-virtual-pipeline-stage {vl}")
+        else:
+            problems += layout_problems(tp, pp, virtual_chunks=num_model_chunks(config),
+                                        num_microbatches=num_microbatches(config, dp) if batch_ok else None)
+    if m.hidden_size % m.num_attention_heads != 0:
+        problems.append(f"hidden-size {m.hidden_size} is not divisible by num-attention-heads {m.num_attention_heads}")
     if m.seq_length > m.max_positions:
         problems.append(f"seq-length {m.seq_length} exceeds max-position-embeddings {m.max_positions}")
     if p.sequence_parallel and m.seq_length % tp != 0:
         problems.append(f"seq-length {m.seq_length} is not divisible by tensor-model-parallel-size {tp} "
                         "(needed by --sequence-parallel)")
-    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp) != 0:
+    if not batch_ok:
         problems.append(f"global-batch-size {t.global_batch_size} is not divisible by micro-batch-size "
                         f"{t.micro_batch_size} x data-parallel size {dp}")
-    elif vl is not None and pp > 1 and num_microbatches(config, dp) % pp != 0:
-        problems.append(f"interleaved schedule needs micro-batches per step ({num_microbatches(config, dp)}) to be a "
-                        f"multiple of pipeline-model-parallel-size {pp}")
     if p.deepspeed:
         if pp != 1:
             problems.append(f"--deepspeed runs tensor and data parallelism only, got pipeline-model-parallel-size "
@@ -270,25 +269,18 @@ def validate(config: Config, world_size: int) -> None:
         if p.sequence_parallel:
             problems.append("--deepspeed does not run --sequence-parallel: its LayerNorm grads need the TP all-reduce "
                             "of megagpt's native optimizer path")
-        if p.deepspeed_config and not os.path.exists(p.deepspeed_config):
-            problems.append(f"deepspeed config {p.deepspeed_config} does not exist")
-    if t.load:
-        from megagpt.optim.deepspeed_backend import checkpoint_format_problem  # lazy: it imports this module
-        problem = checkpoint_format_problem(t.load, p.deepspeed)
-        if problem:
-            problems.append(problem)
     problems += schedule_problems(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
                                   o.lr_decay_style)
-    if o.bf16 and o.fp16:
-        problems.append("--bf16 and --fp16 are mutually exclusive")
+    problems += optimizer_problems(o)
     if not d.mock_data and not d.data_path:
         problems.append("no --data-path given (or pass --mock-data)")
-    for prefix in data_prefixes(d.data_path):
-        for ext in (".bin", ".idx"):
-            if not os.path.exists(prefix + ext):
-                problems.append(f"data file {prefix + ext} does not exist")
+    raise_if(problems)
+
+
+def raise_if(problems: list[str], heading: str = "invalid configuration") -> None:
+    """One ConfigError listing every problem (nothing when the list is empty)."""
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"{heading}:\n  - " + "\n  - ".join(problems))
 
 
 def data_prefixes(data_path: list) -> list[str]:

@@ -44,17 +44,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megagpt.arguments import Config
-from megagpt.checkpoint.sharded import (METADATA_FILE, TRACKER_FILE, CheckpointError, LoadedCheckpoint,
-                                        atomic_torch_save, atomic_write_text, check_compatible, get_rng_state,
-                                        layout_of)
+from megagpt.checkpoint.format import (DS_FORMAT, DS_TRACKER, METADATA_FILE, CheckpointError, check_compatible,
+                                       ds_checkpoint_tag, ds_rng_file, layout_of)
+from megagpt.checkpoint.sharded import LoadedCheckpoint, get_rng_state
+from megagpt.config import Config, num_microbatches
+from megagpt.engines.base import MicroBatch
+from megagpt.engines.native import run_schedule
+from megagpt.fileio import atomic_torch_save, atomic_write_text, fsync_tree
 from megagpt.optim.lr_schedule import LRScheduler
-from megagpt.optim.mixed_precision import OptimizerConfig, build_torch_optimizer, uses_weight_decay
+from megagpt.optim.mixed_precision import build_torch_optimizer, uses_weight_decay
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
 
-DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint and zero_to_fp32.py
-DS_FORMAT = "deepspeed"
 
 
 def deepspeed_config(config: Config, num_microbatches: int) -> dict:
@@ -78,35 +79,6 @@ def deepspeed_config(config: Config, num_microbatches: int) -> dict:
         ds["fp16"].setdefault("min_loss_scale", config.optim.min_loss_scale)
     ds.setdefault("zero_optimization", {"stage": 1})
     return ds
-
-
-def checkpoint_tag(iteration: int) -> str:
-    return f"global_step{iteration}"   # DeepSpeed's default tag
-
-
-def checkpoint_format_problem(directory: str, deepspeed: bool) -> Optional[str]:
-    """Why `--load directory` cannot resume under this backend, judged by the tracker files present (None: fine,
-    or nothing to judge yet; a missing checkpoint is reported by the loader)."""
-    native = os.path.isfile(os.path.join(directory, TRACKER_FILE))
-    ds = os.path.isfile(os.path.join(directory, DS_TRACKER))
-    if deepspeed and native and not ds:
-        return (f"--load {directory} holds a native megagpt checkpoint ({TRACKER_FILE}) but --deepspeed was given: "
-                f"resume it without --deepspeed")
-    if not deepspeed and ds and not native:
-        return (f"--load {directory} holds a DeepSpeed checkpoint ('{DS_TRACKER}' file) but --deepspeed was not "
-                f"given: resume it with --deepspeed --deepspeed-config")
-    return None
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file under `folder` and the folders themselves (DeepSpeed's torch.save does not fsync)."""
-    for root, _, files in os.walk(folder):
-        for path in [os.path.join(root, f) for f in files] + [root]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 class ParallelStateMPU:
@@ -160,12 +132,16 @@ class ParallelStateMPU:
         return list(self.ps.dp_ranks)
 
 
-class DeepSpeedTrainer:
-    """Runs one optimizer step as DeepSpeed expects: engine(batch) -> engine.backward -> engine.step per micro-batch."""
+class DeepSpeedEngine:
+    """Runs one optimizer step as DeepSpeed expects: engine(batch) -> engine.backward -> engine.step per micro-batch.
+    Evaluation runs megagpt's forward-only schedule on the same module (ZeRO-3 gathers params in its hooks)."""
 
-    def __init__(self, config: Config, model: nn.Module, ps: ParallelState, num_microbatches: int,
-                 local_rank: int) -> None:
+    def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState,
+                 tracker: tp_random.RNGStatesTracker, local_rank: int) -> None:
         import deepspeed  # optional dependency
+
+        self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
+        model = chunks[0]
 
         # DeepSpeed reads the local rank from the environment only; srun, mpirun (MPICH) and plain `python` launches,
         # which megagpt's launcher accepts, do not set it.
@@ -174,14 +150,14 @@ class DeepSpeedTrainer:
         o = config.optim
         optimizer = build_torch_optimizer([p for p in model.parameters() if uses_weight_decay(p)],
                                           [p for p in model.parameters() if not uses_weight_decay(p)],
-                                          OptimizerConfig.from_object(o))
-        self.ds_config = deepspeed_config(config, num_microbatches)
+                                          o)
+        self.ds_config = deepspeed_config(config, num_microbatches(config, ps.dp_size))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, mpu=ParallelStateMPU(ps))
         self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
                                      o.lr_decay_iters or config.train.train_iters, o.lr_decay_style)
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, bool, Optional[float]]:
+    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
         """Mean micro-batch loss of this rank, whether the update was applied, and the grad norm."""
         self.engine.train()
         losses = []
@@ -195,6 +171,9 @@ class DeepSpeedTrainer:
         norm = self.engine.get_global_grad_norm()
         return float(torch.stack(losses).mean()), bool(self.engine.was_step_applied()), \
             None if norm is None else float(norm)
+
+    def eval_step(self, batches: list[MicroBatch]) -> float:
+        return run_schedule(self.config, self.chunks, self.ps, batches, forward_only=True)
 
     @property
     def loss_scale(self) -> float:
@@ -211,8 +190,7 @@ class DeepSpeedTrainer:
         return {"params": sum(local(p).numel() * p.element_size() for p in self.engine.module.parameters())}
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
-    def save_checkpoint(self, directory: str, iteration: int, config: Config, ps: ParallelState,
-                        tracker: tp_random.RNGStatesTracker, consumed_samples: int) -> str:
+    def save(self, directory: str, iteration: int, consumed_samples: int) -> str:
         """Write the checkpoint of `iteration` (collective) and point `latest` at it only once it is complete.
 
         DeepSpeed writes under a temporary tag; after a barrier rank 0 flushes it, renames it to its final tag,
@@ -220,7 +198,8 @@ class DeepSpeedTrainer:
         `.old-<tag>` first and deleted after; should `latest` name that very tag, a crash between the two renames
         leaves it naming a missing directory (reported on load) with the old files kept in `.old-<tag>`.
         Returns the checkpoint's directory."""
-        tag, tmp_tag = checkpoint_tag(iteration), f".tmp-{checkpoint_tag(iteration)}"
+        config, ps, tracker = self.config, self.ps, self.tracker
+        tag, tmp_tag = ds_checkpoint_tag(iteration), f".tmp-{ds_checkpoint_tag(iteration)}"
         final, tmp = os.path.join(directory, tag), os.path.join(directory, tmp_tag)
         if ps.rank == 0 and os.path.isdir(tmp):
             shutil.rmtree(tmp)                          # left by a crashed save: never pointed to
@@ -229,14 +208,14 @@ class DeepSpeedTrainer:
         client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "config": config.to_dict(),
                         "opt_param_scheduler": self.scheduler.state_dict(), "rng_state": rng}
         self.engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
-        atomic_torch_save(rng, os.path.join(tmp, f"rng_rank{ps.rank:05d}.pt"))
+        atomic_torch_save(rng, ds_rng_file(tmp, ps.rank))
         if ps.rank == 0:
             meta = {"format": DS_FORMAT, "iteration": iteration, "consumed_samples": consumed_samples,
                     "layout": layout_of(ps, 1, False), "config": config.to_dict(), "deepspeed_config": self.ds_config}
             atomic_write_text(json.dumps(meta, indent=1, sort_keys=True), os.path.join(tmp, METADATA_FILE))
         dist.barrier()                                  # every rank's files are in the temporary tag
         if ps.rank == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = os.path.join(directory, f".old-{tag}")
             if os.path.isdir(final):
                 os.replace(final, old)
@@ -247,9 +226,10 @@ class DeepSpeedTrainer:
         dist.barrier()                                  # `latest` is visible to every rank on return
         return final
 
-    def load_checkpoint(self, directory: str, config: Config, ps: ParallelState) -> LoadedCheckpoint:
+    def load(self, directory: str) -> LoadedCheckpoint:
         """Restore the checkpoint `latest` names: module, ZeRO shards and LR schedule in place; returns iteration,
         consumed samples and this rank's RNG states. Layout and model shape are checked from metadata.json first."""
+        config, ps = self.config, self.ps
         tracker_path = os.path.join(directory, DS_TRACKER)
         if not os.path.isfile(tracker_path):
             raise CheckpointError(f"no '{DS_TRACKER}' file in {directory!r}: no complete DeepSpeed checkpoint there")
@@ -272,7 +252,7 @@ class DeepSpeedTrainer:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder!r}")
         self.scheduler.load_state_dict(client_state["opt_param_scheduler"])
-        rng_path = os.path.join(folder, f"rng_rank{ps.rank:05d}.pt")
+        rng_path = ds_rng_file(folder, ps.rank)
         if not os.path.isfile(rng_path):
             raise CheckpointError(f"checkpoint shard {rng_path} is missing")
         rng = torch.load(rng_path, map_location="cpu", weights_only=False)

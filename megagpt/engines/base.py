@@ -1,0 +1,40 @@
+"""The Engine protocol the Trainer drives, and the micro-batch type it feeds."""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+import torch.nn as nn
+
+from megagpt.checkpoint.sharded import LoadedCheckpoint
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, s], labels [b, s])
+
+
+class Engine(Protocol):
+    """One rank's share of training. Losses returned are this rank's mean over its micro-batches (equal on every
+    pipeline stage); the Trainer averages them over data-parallel ranks."""
+
+    chunks: list[nn.Module]
+
+    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
+        """Forward, backward and update on this step's micro-batches (empty on stages that read no data):
+        (loss, whether the update was applied, global grad norm before clipping)."""
+
+    def eval_step(self, batches: list[MicroBatch]) -> float:
+        """Forward-only loss of one round of micro-batches."""
+
+    def save(self, directory: str, iteration: int, consumed_samples: int) -> None:
+        """Write a checkpoint of this rank's state (collective: every rank calls it)."""
+
+    def load(self, directory: str) -> LoadedCheckpoint:
+        """Restore a checkpoint in place; returns iteration, consumed samples and this rank's RNG states."""
+
+    @property
+    def loss_scale(self) -> float: ...
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's parameters, gradients and optimizer state, measured from the tensors."""

@@ -1,0 +1,93 @@
+"""megagpt's own engine: pipeline schedule over the model chunks, bucketed grad reduction or ZeRO, mixed precision.
+
+A step runs the rank's instruction list (pipeline/executor.py) with a `forward_step` closure; backward hooks fill
+the grad buffer, then the TrainingOptimizer (optim/builder.py) reduces, clips, steps and advances the LR schedule.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from megagpt.config import Config, num_microbatches
+from megagpt.engines.base import MicroBatch
+from megagpt.optim.builder import TrainingOptimizer
+from megagpt.parallel import random as tp_random
+from megagpt.parallel.state import ParallelState
+from megagpt.pipeline.executor import broadcast_losses, forward_backward
+from megagpt.pipeline.schedules import Instr
+
+
+def params_dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if config.optim.bf16 else torch.float16 if config.optim.fp16 else torch.float32
+
+
+def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, batches: list[MicroBatch],
+                 forward_only: bool, loss_scale: float = 1.0,
+                 on_instruction: Optional[Callable[[Instr], None]] = None) -> float:
+    """Run one round of micro-batches through this rank's pipeline schedule; returns the mean micro-batch loss
+    (broadcast from the last stage, so every stage returns it). Backward scales each loss by
+    loss_scale / micro-batches, so the grads are those of the mean."""
+    count = num_microbatches(config, ps.dp_size)
+    device = next(chunks[0].parameters()).device
+
+    def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
+        model = chunks[chunk]
+        tokens, labels = batches[microbatch] if batches else (None, None)
+        out = model(tokens=tokens if model.pre_process else None, input_tensor=input_tensor,
+                    labels=labels if model.post_process else None)
+        if not model.post_process:
+            return out, None
+        loss = out.float().mean()                    # token mean of this micro-batch
+        return loss * (loss_scale / count), loss.detach()
+
+    losses = forward_backward(forward_step, count, ps, activation_shape(config, ps), params_dtype(config), device,
+                              num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction)
+    return broadcast_losses(losses, ps, device)
+
+
+def activation_shape(config: Config, ps: ParallelState) -> tuple[int, int, int]:
+    """Shape of the hidden states passed between pipeline stages: [s / TP under SP, b, h]."""
+    s = config.model.seq_length
+    if config.parallel.sequence_parallel:
+        s //= ps.tp_size
+    return (s, config.train.micro_batch_size, config.model.hidden_size)
+
+
+class NativeEngine:
+    """Model chunks + TrainingOptimizer + the pipeline executor; saves megagpt's sharded checkpoints."""
+
+    def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState,
+                 tracker: tp_random.RNGStatesTracker) -> None:
+        self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
+        self.optimizer = TrainingOptimizer(config, chunks, ps)
+
+    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
+        self.optimizer.zero_grad()
+        loss = run_schedule(self.config, self.chunks, self.ps, batches, forward_only=False,
+                            loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction)
+        ok, grad_norm = self.optimizer.step()
+        return loss, ok, grad_norm
+
+    def eval_step(self, batches: list[MicroBatch]) -> float:
+        return run_schedule(self.config, self.chunks, self.ps, batches, forward_only=True)
+
+    def save(self, directory: str, iteration: int, consumed_samples: int) -> None:
+        save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
+                        consumed_samples)
+
+    def load(self, directory: str) -> LoadedCheckpoint:
+        return load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.optimizer.loss_scale
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.learning_rate
+
+    def memory_bytes(self) -> dict[str, int]:
+        return self.optimizer.memory_bytes()
