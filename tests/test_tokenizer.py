@@ -184,3 +184,108 @@ def test_ascii_pretokenizer_equals_unicode_pattern(gpt2):
     every_ascii = "".join(map(chr, range(128))) * 2
     assert gpt2.pretokenize(every_ascii) == full.findall(every_ascii)
     assert gpt2.tokenize(every_ascii) == gpt2.tokenize_hf(every_ascii)
+
+
+# --- the gigatoken backend: same ids as HF tokenizers, or not used ---------------------------------------------
+
+def _gigatoken(tokenizer):
+    pytest.importorskip("gigatoken")
+    from megagpt.data.fast_tokenizer import choose_backend
+
+    fast, note = choose_backend(tokenizer, "gigatoken")
+    assert "gigatoken" in type(fast).__name__.lower() and note.startswith("tokenizer backend: gigatoken"), note
+    return fast
+
+
+def _adversarial():
+    """CHECK_TEXTS plus what the run-time check leaves out for speed: multi-MB documents and every corpus text."""
+    from megagpt.data.fast_tokenizer import CHECK_TEXTS
+
+    docs = _fixture_docs()
+    return list(CHECK_TEXTS) + TRICKY + docs + ["\n\n".join(docs)[:2_000_000], " " * 100_000 + "x",
+                                                "🤖" * 20_000, "<|endoftext|>" * 5000]
+
+
+def _assert_same_ids(reference, fast, texts):
+    flat, lengths = fast.tokenize_flat(texts)
+    assert lengths.tolist() == [len(ids) for ids in reference.tokenize_batch(texts)]
+    start = 0
+    for text, n in zip(texts, lengths.tolist()):
+        assert flat[start:start + n].tolist() == reference.tokenize(text), text[:60]
+        start += n
+    assert fast.tokenize_batch(texts[:20]) == reference.tokenize_batch(texts[:20])
+
+
+def test_gigatoken_equals_hf_gpt2(gpt2):
+    fast = _gigatoken(gpt2)
+    texts = _adversarial()
+    _assert_same_ids(gpt2, fast, texts)
+    for text in texts[:60]:  # and both equal HF's own pipeline, not just our fast path of it
+        assert fast.tokenize(text) == gpt2.tokenize_hf(text)
+    assert (fast.vocab_size, fast.eod) == (gpt2.vocab_size, gpt2.eod)
+    assert fast.detokenize(fast.tokenize("naïve 🤖\n")) == "naïve 🤖\n"
+
+
+def test_gigatoken_equals_hf_tokenizer_json_with_special_tokens(tmp_path):
+    """A tokenizer.json whose <|endoftext|> is an added special token: HF splits it out of running text."""
+    path = tmp_path / "tokenizer.json"
+    _train_tiny_hf(path, ["<pad>", "<|endoftext|>"])
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
+    assert tok.tokenize("a<|endoftext|>b")[1] == tok.eod
+    _assert_same_ids(tok, _gigatoken(tok), _adversarial())
+
+
+def test_gigatoken_pickles_and_bounds_its_cache(gpt2):
+    import pickle
+    import random
+
+    fast = _gigatoken(gpt2)
+    fast.max_cache_bytes, fast._base_rss = 1, 1  # as if the process had grown past its budget since the build
+    rng = random.Random(0)
+    words = [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(9)) for _ in range(20000))
+             for _ in range(5)]
+    _assert_same_ids(gpt2, fast, words)
+    assert fast.rebuilds >= 1
+    clone = pickle.loads(pickle.dumps(fast))
+    assert clone.tokenize(words[0]) == gpt2.tokenize(words[0]) and clone.max_cache_bytes == 1
+
+
+def test_backend_choice_and_reasons(gpt2, monkeypatch):
+    from megagpt.data import fast_tokenizer as ft
+
+    assert ft.choose_backend(gpt2, "hf") == (gpt2, "tokenizer backend: hf (requested)")
+    byte = ByteTokenizer()
+    assert ft.choose_backend(byte, "auto")[0] is byte
+    with pytest.raises(ValueError, match="sentencepiece"):
+        ft.choose_backend(gpt2, "sentencepiece")
+
+    monkeypatch.setattr(ft, "gigatoken_version", lambda: None)
+    tok, note = ft.choose_backend(gpt2, "auto")
+    assert tok is gpt2 and "gigatoken is not installed" in note
+    with pytest.raises(ValueError, match="not installed"):
+        ft.choose_backend(gpt2, "gigatoken")
+    monkeypatch.undo()
+
+    pytest.importorskip("gigatoken")
+    real = ft.GigatokenTokenizer.tokenize_flat
+
+    def off_by_one_on_emoji(self, texts):
+        flat, lengths = real(self, texts)
+        if any("🤖" in t for t in texts):
+            flat = flat.copy()
+            flat[-1] += 1
+        return flat, lengths
+
+    monkeypatch.setattr(ft.GigatokenTokenizer, "tokenize_flat", off_by_one_on_emoji)
+    tok, note = ft.choose_backend(gpt2, "auto")
+    assert tok is gpt2 and note.startswith("tokenizer backend: hf (gigatoken not used: gigatoken ")
+    assert "disagrees with HF tokenizers on text" in note and "ids differ from token" in note
+    with pytest.raises(ValueError, match="unusable for GPT2BPETokenizer"):
+        ft.choose_backend(gpt2, "gigatoken")
+
+    def crash(self, texts):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ft.GigatokenTokenizer, "tokenize_flat", crash)
+    tok, note = ft.choose_backend(gpt2, "auto")
+    assert tok is gpt2 and "fails on this tokenizer (RuntimeError: boom)" in note
