@@ -31,11 +31,14 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from megagpt.optim.bucket_layout import bucket_layout
 from megagpt.optim.clip import param_grad
 from megagpt.parallel import comm
+from megagpt.parallel.param_tags import is_sequence_parallel, is_shared_embedding
 
 BUCKET_ALIGN = 64  # elements; shard starts aligned to 256 B (fp32 grads) / 128 B (bf16 params) for NCCL's fast path
 KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC = "dp", "tp_sync", "embedding_sync"
+KIND_ORDER = (KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC)   # buffer order: pre-reduced kinds last
 
 
 @dataclass(eq=False)
@@ -93,10 +96,6 @@ class ShardRange:
         return self.param_end - self.param_start
 
 
-def _pad(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 class GradBuffer:
     """All fp32 grads of a list of same-dtype params in one padded buffer, bucketed (see module docstring).
 
@@ -113,26 +112,19 @@ class GradBuffer:
         self.param_dtype = params[0].dtype
         self.grad_dtype = grad_dtype
         device = params[0].device
-        align = BUCKET_ALIGN * dp_size
-        self.param_range: dict[int, tuple[int, int]] = {}   # id(param) -> [start, end) in the buffer, unpadded
+        self.layout = layout = bucket_layout([p.numel() for p in self.params], [kinds[id(p)] for p in self.params],
+                                             KIND_ORDER, dp_size, bucket_size, BUCKET_ALIGN)
+        self.param_range: dict[int, tuple[int, int]] = {   # id(param) -> [start, end) in the buffer, unpadded
+            id(self.params[i]): r for i, r in layout.param_range.items()}
         self.param_bucket: dict[int, Bucket] = {}
         self.buckets: list[Bucket] = []
-        offset = 0
-        for kind in (KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC):
-            current: list[nn.Parameter] = []
-            start = offset
-            for p in reversed(self.params):                  # backward order
-                if kinds[id(p)] != kind:
-                    continue
-                self.param_range[id(p)] = (offset, offset + p.numel())
-                offset += p.numel()
-                current.append(p)
-                if bucket_size is not None and offset - start >= bucket_size:
-                    offset = self._close_bucket(kind, current, start, offset, align)
-                    current, start = [], offset
-            if current:
-                offset = self._close_bucket(kind, current, start, offset, align)
-        self.numel = offset                                   # padded: divisible by dp_size
+        for span in layout.buckets:
+            bucket = Bucket(index=len(self.buckets), kind=span.kind, params=[self.params[i] for i in span.params],
+                            start=span.start, end=span.end)
+            self.buckets.append(bucket)
+            for i in span.params:
+                self.param_bucket[id(self.params[i])] = bucket
+        self.numel = layout.numel                             # padded: divisible by dp_size
         self.numel_unpadded = sum(p.numel() for p in self.params)
 
         if separate_bucket_storage:                           # ZeRO-2: each bucket releasable on its own
@@ -159,14 +151,6 @@ class GradBuffer:
                     view.copy_(p.data)
                     p.data = view
 
-    def _close_bucket(self, kind: str, params: list[nn.Parameter], start: int, end: int, align: int) -> int:
-        bucket = Bucket(index=len(self.buckets), kind=kind, params=list(params), start=start,
-                        end=start + _pad(end - start, align))
-        self.buckets.append(bucket)
-        for p in params:
-            self.param_bucket[id(p)] = bucket
-        return bucket.end
-
     def param_bucket_data(self, bucket: Bucket) -> torch.Tensor:
         """The bucket's slice of the param buffer (ZeRO)."""
         return self.param_data[bucket.start:bucket.end]
@@ -174,19 +158,17 @@ class GradBuffer:
     def shard_ranges(self, dp_rank: int) -> list[ShardRange]:
         """Every (param, range) this DP rank owns, in buffer order; together they cover 1/DP of each bucket."""
         out = []
-        for p in sorted(self.params, key=lambda q: self.param_range[id(q)][0]):
+        for i, first, last in self.layout.owned_pieces(self.dp_size, dp_rank):
+            p = self.params[i]
             bucket = self.param_bucket[id(p)]
-            own_lo, own_hi = bucket.owned_range(self.dp_size, dp_rank)
-            lo, hi = self.param_range[id(p)]
-            s, e = max(lo, own_lo), min(hi, own_hi)
-            if s < e:
-                out.append(ShardRange(p, bucket, s - lo, e - lo, s, s - own_lo))
+            start = self.param_range[id(p)][0] + first
+            out.append(ShardRange(p, bucket, first, last, start, start - bucket.owned_range(self.dp_size, dp_rank)[0]))
         return out
 
 
 def _reduction_kind(p: nn.Parameter, tp_size: int, pp_size: int) -> str:
-    sp = getattr(p, "sequence_parallel", False) and tp_size > 1
-    emb = getattr(p, "shared_embedding", False) and pp_size > 1
+    sp = is_sequence_parallel(p) and tp_size > 1
+    emb = is_shared_embedding(p) and pp_size > 1
     if sp and emb:
         raise NotImplementedError("a parameter both sequence_parallel and shared_embedding is not supported")
     return KIND_TP_SYNC if sp else KIND_EMBEDDING_SYNC if emb else KIND_DP
@@ -380,10 +362,10 @@ def finalize_model_grads(params: Iterable[nn.Parameter], ps, reducer: Optional[D
         reducer.finish_grad_sync()
         return
     if ps.tp_size > 1:
-        _coalesced_all_reduce([param_grad(p) for p in params if getattr(p, "sequence_parallel", False)
+        _coalesced_all_reduce([param_grad(p) for p in params if is_sequence_parallel(p)
                                and param_grad(p) is not None], ps.tp_group)
     if ps.pp_size > 1:
-        _coalesced_all_reduce([param_grad(p) for p in params if getattr(p, "shared_embedding", False)
+        _coalesced_all_reduce([param_grad(p) for p in params if is_shared_embedding(p)
                                and param_grad(p) is not None], ps.embedding_group)
     dp_grads = [g for g in (param_grad(p) for p in params) if g is not None]
     if ps.dp_size > 1:
