@@ -142,6 +142,19 @@ std::string to_string_any(Src v) {
   else return std::to_string(static_cast<unsigned long long>(v));
 }
 
+// Sum of sequence lengths, each checked to fit the .idx's int32 length field; `where` names the source.
+template <typename Len>
+int64_t checked_total(const Len* len, size_t n, const std::string& where) {
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (len[i] < 0 || static_cast<int64_t>(len[i]) > std::numeric_limits<int32_t>::max())
+      throw py::value_error("length " + std::to_string(len[i]) + " of sequence " + std::to_string(i) + " in " +
+                            where + " is outside the int32 length field");
+    total += len[i];
+  }
+  return total;
+}
+
 class Builder {
  public:
   Builder(const std::string& bin_path, int dtype_code)
@@ -151,42 +164,27 @@ class Builder {
   // the .bin and the lengths consistent.
   void add_document(const py::array& tokens) {
     check_open();
-    if (tokens.ndim() != 1)
-      throw py::value_error("a document must be a 1-D array of token ids, got " +
-                            std::to_string(tokens.ndim()) + " dimensions");
-    const char kind = tokens.dtype().kind();
-    if (kind != 'i' && kind != 'u')
-      throw py::type_error(std::string("token ids must have an integer dtype, got kind '") + kind + "'");
-    // Contiguous view (copy only when the caller passed a strided array); keeps the dtype.
-    py::array arr = py::array::ensure(tokens, py::array::c_style);
-    if (!arr) throw py::error_already_set();
-    const size_t n = static_cast<size_t>(arr.size());
+    const size_t n = write_tokens(tokens);
     if (n > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
       throw py::value_error("document of " + std::to_string(n) + " tokens exceeds the int32 length field");
-    const void* data = arr.data();
-    const size_t isz = static_cast<size_t>(arr.itemsize());
-    {
-      py::gil_scoped_release release;
-      if (kind == 'i') {
-        switch (isz) {
-          case 1: write_from(static_cast<const int8_t*>(data), n); break;
-          case 2: write_from(static_cast<const int16_t*>(data), n); break;
-          case 4: write_from(static_cast<const int32_t*>(data), n); break;
-          case 8: write_from(static_cast<const int64_t*>(data), n); break;
-          default: throw py::type_error("unsupported integer itemsize " + std::to_string(isz));
-        }
-      } else {
-        switch (isz) {
-          case 1: write_from(static_cast<const uint8_t*>(data), n); break;
-          case 2: write_from(static_cast<const uint16_t*>(data), n); break;
-          case 4: write_from(static_cast<const uint32_t*>(data), n); break;
-          case 8: write_from(static_cast<const uint64_t*>(data), n); break;
-          default: throw py::type_error("unsupported integer itemsize " + std::to_string(isz));
-        }
-      }
-    }
     lengths_.push_back(static_cast<int32_t>(n));
     tokens_ += static_cast<int64_t>(n);
+  }
+
+  // Appends many documents at once: `tokens` holds them back to back, `lengths` their sizes. One call per
+  // preprocessing chunk instead of one per document; the lengths are checked before any byte is written.
+  void add_documents(const py::array& tokens, const py::array_t<int64_t, py::array::c_style>& lengths) {
+    check_open();
+    if (lengths.ndim() != 1) throw py::value_error("lengths must be a 1-D array");
+    const int64_t* len = lengths.data();
+    const size_t docs = static_cast<size_t>(lengths.size());
+    const int64_t total = checked_total(len, docs, "the batch");
+    if (tokens.ndim() != 1 || static_cast<int64_t>(tokens.size()) != total)
+      throw py::value_error("tokens must be a 1-D array of sum(lengths) = " + std::to_string(total) +
+                            " ids, got " + std::to_string(tokens.size()));
+    write_tokens(tokens);
+    lengths_.insert(lengths_.end(), len, len + docs);
+    tokens_ += total;
   }
 
   // Appends another dataset of the same dtype: copies its .bin bytes and its sequence lengths
@@ -196,11 +194,7 @@ class Builder {
     if (lengths.ndim() != 1) throw py::value_error("lengths must be 1-D");
     const int32_t* len = lengths.data();
     const size_t n = static_cast<size_t>(lengths.size());
-    int64_t total = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (len[i] < 0) throw py::value_error("negative sequence length in " + other_bin);
-      total += len[i];
-    }
+    const int64_t total = checked_total(len, n, other_bin);
     {
       py::gil_scoped_release release;
       FILE* in = std::fopen(other_bin.c_str(), "rb");
@@ -258,6 +252,38 @@ class Builder {
   void check_open() const {
     if (finalized_) throw std::runtime_error("builder already finalized");
     if (!bin_.is_open()) throw std::runtime_error("builder was aborted");
+  }
+
+  // Range-checks and writes a 1-D integer array (converted to the dataset dtype); returns its size.
+  size_t write_tokens(const py::array& tokens) {
+    if (tokens.ndim() != 1)
+      throw py::value_error("a document must be a 1-D array of token ids, got " +
+                            std::to_string(tokens.ndim()) + " dimensions");
+    const char kind = tokens.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+      throw py::type_error(std::string("token ids must have an integer dtype, got kind '") + kind + "'");
+    // Contiguous view (copy only when the caller passed a strided array); keeps the dtype.
+    py::array arr = py::array::ensure(tokens, py::array::c_style);
+    if (!arr) throw py::error_already_set();
+    const size_t n = static_cast<size_t>(arr.size());
+    const void* data = arr.data();
+    const size_t isz = static_cast<size_t>(arr.itemsize());
+    py::gil_scoped_release release;
+    if (kind == 'i') write_sized<int8_t, int16_t, int32_t, int64_t>(data, n, isz);
+    else write_sized<uint8_t, uint16_t, uint32_t, uint64_t>(data, n, isz);
+    return n;
+  }
+
+  // Picks the source type of one signedness by its itemsize.
+  template <typename T1, typename T2, typename T4, typename T8>
+  void write_sized(const void* data, size_t n, size_t itemsize) {
+    switch (itemsize) {
+      case 1: write_from(static_cast<const T1*>(data), n); break;
+      case 2: write_from(static_cast<const T2*>(data), n); break;
+      case 4: write_from(static_cast<const T4*>(data), n); break;
+      case 8: write_from(static_cast<const T8*>(data), n); break;
+      default: throw py::type_error("unsupported integer itemsize " + std::to_string(itemsize));
+    }
   }
 
   template <typename Src>
@@ -321,6 +347,8 @@ PYBIND11_MODULE(_builder_cpp, m) {
            "Open bin_path for writing tokens of the given .idx dtype code.")
       .def("add_document", &Builder::add_document, py::arg("tokens"),
            "Append one document (1-D integer array; values range-checked against the target dtype).")
+      .def("add_documents", &Builder::add_documents, py::arg("tokens"), py::arg("lengths"),
+           "Append len(lengths) documents stored back to back in the 1-D integer array tokens.")
       .def("add_index", &Builder::add_index, py::arg("other_bin_path"), py::arg("lengths"),
            "Append another dataset: copy its .bin bytes and its int32 sequence lengths.")
       .def("finalize", &Builder::finalize, py::arg("idx_path"), "Close the .bin and write the .idx.")

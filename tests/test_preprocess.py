@@ -238,3 +238,213 @@ def test_fixture_is_small_and_well_formed():
         docs = [json.loads(line) for line in f]
     assert len(docs) == 82 and all(set(d) == {"text"} and d["text"].strip() for d in docs)
     assert docs[1]["text"].startswith("SCENE 2.")
+
+
+# --- fast path: backends, input formats, several inputs, resume, constant memory --------------------------------
+
+def _cfg(tmp_path, name, **kw):
+    kw = {"progress": False, "log_interval": 0, **kw}
+    return pp.PreprocessConfig(output_prefix=str(tmp_path / name), **kw)
+
+
+def _bytes_of(prefix):
+    return [open(f"{prefix}.{ext}", "rb").read() for ext in ("bin", "idx")]
+
+
+def _report(s):
+    return (s.documents, s.tokens, s.lines, s.skipped, s.empty, s.skipped_by_reason,
+            [(os.path.basename(b.path), b.line, b.reason) for b in s.first_bad])
+
+
+def test_parse_json_line_keeps_the_standard_library_verdict():
+    """orjson decodes; what it rejects but json accepts (NaN, huge ints, lone surrogates) is still accepted."""
+    assert pp.parse_json_line(b'{"text": "a", "score": NaN}', ["text"]) == (["a"], None)
+    assert pp.parse_json_line(b'{"text": "b", "n": 123456789012345678901234567890}', ["text"]) == (["b"], None)
+    assert pp.parse_json_line(b'{"text": "\\ud800"}', ["text"]) == (["\ud800"], None)
+    assert pp.parse_json_line(b'{"text": "x", "text": "y"}', ["text"]) == (["y"], None)
+    assert pp.parse_json_line(b'{"text": "x"} trailing', ["text"]) == ([], "malformed JSON")
+    assert pp.parse_json_line(b'\xef\xbb\xbf{"text": "bom"}', ["text"]) == ([], "malformed JSON")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gigatoken_and_hf_write_identical_bytes_and_reports(tmp_path, workers):
+    pytest.importorskip("gigatoken")
+    src = tmp_path / "messy.jsonl"
+    _write_messy(src)
+    with open(src, "ab") as f, open(FIXTURE, "rb") as fixture:
+        f.write(b"\n" + fixture.read())
+    runs = {}
+    for backend in ("hf", "gigatoken"):
+        s = pp.preprocess(_cfg(tmp_path, backend, input=str(src), append_eod=True, tokenizer_backend=backend,
+                               workers=workers, chunk_bytes=32 * 1024))
+        assert s.backend.startswith(f"tokenizer backend: {backend}")
+        runs[backend] = (_report(s), _bytes_of(str(tmp_path / f"{backend}_text_document")))
+    assert runs["hf"] == runs["gigatoken"]
+    assert runs["hf"][0][3] == 7 and runs["hf"][0][0] == 82 + 3
+
+
+def _compress(src, dst):
+    data = open(src, "rb").read()
+    if dst.endswith(".gz"):
+        import gzip
+
+        with gzip.open(dst, "wb") as f:
+            f.write(data)
+    else:
+        import zstandard
+
+        with open(dst, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(data))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_jsonl_equals_plain(tmp_path, suffix):
+    src = tmp_path / "messy.jsonl"
+    _write_messy(src)
+    packed = str(src) + suffix
+    _compress(src, packed)
+    plain = pp.preprocess(_cfg(tmp_path, "plain", input=str(src), chunk_bytes=64))
+    comp = pp.preprocess(_cfg(tmp_path, "comp", input=packed, chunk_bytes=64))
+    assert [(b.line, b.reason) for b in comp.first_bad] == [(b.line, b.reason) for b in plain.first_bad]
+    assert _report(comp)[:6] == _report(plain)[:6] and comp.bytes_read == os.path.getsize(src)
+    assert _bytes_of(str(tmp_path / "comp_text_document")) == _bytes_of(str(tmp_path / "plain_text_document"))
+
+
+def test_plain_text_blocks_and_files(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"First doc\nline two\n\n\n  \t\nSecond doc\r\n\r\nbad \xff block\nmore\n\nlast")
+    (tmp_path / "b.txt").write_bytes(b"")
+    blocks = pp.preprocess(_cfg(tmp_path, "blk", input=str(tmp_path / "*.txt"), tokenizer_type="ByteTokenizer",
+                                chunk_bytes=8))
+    assert _read(str(tmp_path / "blk_text_document"))[0] == [list(b"First doc\nline two"), list(b"Second doc\r"),
+                                                            list(b"last")]
+    assert [(b.line, b.reason) for b in blocks.first_bad] == [(8, "invalid UTF-8")] and blocks.lines == 4
+    files = pp.preprocess(_cfg(tmp_path, "file", input=[str(tmp_path / "a.txt")], text_split="file",
+                               tokenizer_type="ByteTokenizer"))
+    assert files.skipped == 1 and files.first_bad[0].line == 1 and files.documents == 0
+    (tmp_path / "c.txt").write_text("whole file\n\nis one document\n")
+    pp.preprocess(_cfg(tmp_path, "one", input=str(tmp_path / "c.txt"), text_split="file",
+                       tokenizer_type="ByteTokenizer"))
+    assert _read(str(tmp_path / "one_text_document"))[0] == [list(b"whole file\n\nis one document\n")]
+
+
+def test_parquet_rows_and_schema_checks(tmp_path, gpt2):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = ["row one", None, "row three", "", "row five"]
+    pq.write_table(pa.table({"text": texts, "n": list(range(5))}), tmp_path / "t.parquet", row_group_size=2)
+    s = pp.preprocess(_cfg(tmp_path, "pq", input=str(tmp_path / "t.parquet"), append_eod=True, chunk_bytes=16))
+    assert [(b.line, b.reason) for b in s.first_bad] == [(2, "key 'text' is null")]
+    assert (s.documents, s.empty, s.lines) == (3, 1, 5)
+    assert _read(str(tmp_path / "pq_text_document"))[0] == [gpt2.tokenize(t) + [gpt2.eod]
+                                                           for t in ("row one", "row three", "row five")]
+    for keys, match in ((("body",), "no column 'body'"), (("n",), "column 'n' has type int64")):
+        with pytest.raises(ValueError, match=match):
+            pp.preprocess(_cfg(tmp_path, "bad", input=str(tmp_path / "t.parquet"), json_keys=keys))
+    assert not glob.glob(str(tmp_path / "bad*"))
+
+
+def _three_inputs(tmp_path):
+    docs = [json.loads(line)["text"] for line in open(FIXTURE, encoding="utf-8")]
+    paths = []
+    for i, part in enumerate((docs[:30], docs[30:31], docs[31:])):
+        path = tmp_path / "in" / f"part{i}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"".join(_good(t) for t in part) + (b"oops\n" if i == 1 else b""))
+        paths.append(str(path))
+    return paths
+
+
+def test_output_per_input_equals_separate_runs(tmp_path):
+    paths = _three_inputs(tmp_path)
+    s = pp.preprocess(_cfg(tmp_path, "per", input=paths, output_per_input=True, workers=2, chunk_bytes=20000))
+    assert sorted(s.outputs) == [f"part{i}/text" for i in range(3)] and s.first_bad[0].line == 2
+    for i, path in enumerate(paths):
+        pp.preprocess(_cfg(tmp_path, f"alone{i}", input=path))
+        assert _bytes_of(str(tmp_path / f"per_part{i}_text_document")) == _bytes_of(
+            str(tmp_path / f"alone{i}_text_document"))
+    (tmp_path / "other").mkdir()
+    clash = str(tmp_path / "other" / "part0.jsonl")
+    open(clash, "wb").write(_good("x"))
+    with pytest.raises(ValueError, match="same output name 'part0'"):
+        pp.preprocess(_cfg(tmp_path, "clash", input=paths + [clash], output_per_input=True))
+
+
+def _fail_on_input(monkeypatch, index):
+    original = pp._Encoder.__call__
+
+    def maybe_fail(self, chunk):
+        if chunk.path_index == index:
+            raise RuntimeError("killed")
+        return original(self, chunk)
+
+    monkeypatch.setattr(pp._Encoder, "__call__", maybe_fail)
+
+
+@pytest.mark.parametrize("per_input", [True, False])
+def test_resume_skips_finished_inputs_and_matches_a_clean_run(tmp_path, monkeypatch, per_input):
+    paths = _three_inputs(tmp_path)
+    clean = pp.preprocess(_cfg(tmp_path, "clean", input=paths, output_per_input=per_input, append_eod=True))
+    kw = dict(input=paths, output_per_input=per_input, append_eod=True, resume=True, chunk_bytes=4096)
+    _fail_on_input(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        pp.preprocess(_cfg(tmp_path, "run", **kw))
+    monkeypatch.undo()
+    ledger = [json.loads(line) for line in open(tmp_path / "run.progress.jsonl")]
+    assert [e["input"] for e in ledger[1:]] == paths[:2]
+    assert not glob.glob(str(tmp_path / "run_text_document.*")) and not glob.glob(str(tmp_path / "*.tmp-*"))
+
+    resumed = pp.preprocess(_cfg(tmp_path, "run", **kw))
+    assert resumed.resumed_inputs == 2 and "2 of 3 inputs finished by an earlier run" in resumed.report()
+    assert _report(resumed) == _report(clean)
+    names = [f"part{i}_text_document" for i in range(3)] if per_input else ["text_document"]
+    for name in names:
+        assert _bytes_of(str(tmp_path / f"run_{name}")) == _bytes_of(str(tmp_path / f"clean_{name}"))
+    assert os.path.exists(tmp_path / "run.progress.jsonl") == per_input  # parts and ledger go once merged
+    assert not os.path.exists(tmp_path / "run.parts")
+
+    if per_input:
+        with pytest.raises(ValueError, match="other settings"):
+            pp.preprocess(_cfg(tmp_path, "run", **{**kw, "append_eod": False}))
+        with open(paths[0], "ab") as f:
+            f.write(_good("one more"))
+        with pytest.raises(ValueError, match="changed since"):
+            pp.preprocess(_cfg(tmp_path, "run", **kw))
+
+
+_PEAK_RSS = """
+import resource, sys
+from megagpt.data import preprocess as pp
+pp.preprocess(pp.PreprocessConfig(input=sys.argv[1], output_prefix=sys.argv[2], workers=int(sys.argv[3]),
+                                  append_eod=True, chunk_bytes=64 * 1024, progress=False, log_interval=0))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, workers):
+    """20x the input (~8 MB, ~130 chunks) peaks within 10% of 1x, in the main process and in each worker."""
+    big = tmp_path / "x20.jsonl"
+    data = open(FIXTURE, "rb").read()
+    big.write_bytes(data * 20)
+    peaks = []
+    for src in (FIXTURE, str(big)):
+        r = subprocess.run([sys.executable, "-c", _PEAK_RSS, src, str(tmp_path / "o"), str(workers)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        peaks.append([int(x) for x in r.stdout.split()])
+    for one, twenty in zip(*peaks):
+        assert twenty <= one * 1.10, peaks
+
+
+def test_cli_several_inputs_per_input_outputs_and_backend(tmp_path):
+    paths = _three_inputs(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", *paths[:2],
+           "--output-prefix", str(tmp_path / "o" / "c"), "--tokenizer-type", "GPT2BPETokenizer",
+           "--tokenizer-backend", "hf", "--output-per-input", "--input-format", "jsonl", "--log-interval", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer backend: hf (requested)" in r.stderr and "Done: 31 documents" in r.stderr
+    assert f"part1/text: {tmp_path}/o/c_part1_text_document.bin" in r.stderr
+    bad = subprocess.run(cmd[:-4] + ["--tokenizer-backend", "tiktoken"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'tiktoken'" in bad.stderr

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megagpt.data.tokenizer import Tokenizer
+from megagpt.data.tokenizer import FixedVocabTokenizer, Tokenizer
 
 TOKENIZER_BACKENDS = ("auto", "gigatoken", "hf")
 DEFAULT_MAX_CACHE_BYTES = 256 << 20  # per process; the cache of a few GB of web text fits in it
@@ -64,7 +64,7 @@ def gigatoken_version() -> Optional[str]:
         return None
 
 
-class GigatokenTokenizer(Tokenizer):
+class GigatokenTokenizer(FixedVocabTokenizer):
     """gigatoken encoder built from a `tokenizer.json` string; vocab_size and eod are those of its source.
 
     Pickles as its recipe (json, eod, vocab size), so worker processes rebuild it without loading HF files.
@@ -72,7 +72,8 @@ class GigatokenTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_json: str, eod: int, vocab_size: int, name: str = "gigatoken",
                  max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
-        self._json, self._eod, self._vocab_size, self.name = tokenizer_json, eod, vocab_size, name
+        super().__init__(vocab_size, eod)
+        self._json, self.name = tokenizer_json, name
         self.max_cache_bytes = max_cache_bytes
         self.rebuilds = 0  # cache drops so far (for tests and logs)
         self._build()
@@ -87,14 +88,6 @@ class GigatokenTokenizer(Tokenizer):
 
     def __reduce__(self):
         return type(self), (self._json, self._eod, self._vocab_size, self.name, self.max_cache_bytes)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
 
     def tokenize(self, text: str) -> list[int]:
         return self._encode(text).tolist()

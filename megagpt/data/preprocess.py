@@ -1,24 +1,26 @@
-"""JSONL -> Megatron `.bin/.idx` preprocessing (library behind tools/preprocess_data.py).
+"""Corpus -> Megatron `.bin/.idx` preprocessing (library behind tools/preprocess_data.py).
 
-Pipeline: the main process reads input lines lazily in ~256 KiB chunks, workers decode/parse/tokenize a chunk
-each and return one flat token array per JSON key, the main process writes documents in input order through
-`IndexedDatasetBuilder` (temp names, atomic rename). At most `2 * workers + 2` chunks are in flight, so memory
-is constant in the input size. (`Pool.imap` would not do: its feeder thread drains the whole input iterator
-into the task queue as fast as it can read, so memory grows with the corpus.)
+Pipeline: the main process cuts the inputs (readers.py: JSON lines plain/.gz/.zst, plain text, Parquet) into
+~1 MiB chunks of whole records; workers decode (orjson), validate and tokenize a chunk each and return one flat
+token array per key plus document lengths (eod appended with numpy, no per-token Python); the main process
+writes the documents in input order, one C++ call per chunk (preprocess_outputs.py: one output, one per input,
+or resumable parts). At most `2 * workers + 2` chunks are in flight, so memory is constant in the corpus size.
+(`Pool.imap` would not do: its feeder thread drains the whole input iterator into the task queue as fast as
+it can read, so memory grows with the corpus.)
 
-Bad input lines (invalid UTF-8, malformed JSON, a non-object, a missing key, a non-string value, text with
-lone surrogates) are skipped and counted; the summary names the first ten by file and line number. Blank lines
-are ignored. A line whose text tokenizes to nothing is skipped for every key (counted as `empty`), so the
-outputs of several `--json-keys` stay aligned document for document, as Megatron's are.
+The tokenizer backend is chosen per run (fast_tokenizer.py): gigatoken when it reproduces the HF ids on the
+check texts, HF `tokenizers` otherwise; the output bytes are the same either way.
 
-No torch import here: start-up is interpreter + numpy + tokenizers + building the tokenizer (~0.5 s).
+Bad input records (invalid UTF-8, malformed JSON, a non-object, a missing key, a non-string or null value, text
+with lone surrogates) are skipped and counted; the summary names the first ten by file and line number. Blank
+lines are ignored. A record whose text tokenizes to nothing is skipped for every key (counted as `empty`), so
+the outputs of several `--json-keys` stay aligned document for document, as Megatron's are.
+
+No torch import here: start-up is interpreter + numpy + the tokenizer (~0.5 s).
 """
 from __future__ import annotations
 
 import contextlib
-import glob
-import itertools
-import json
 import multiprocessing
 import os
 import sys
@@ -26,41 +28,67 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from megagpt.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megagpt.data.fast_tokenizer import DEFAULT_MAX_CACHE_BYTES, TOKENIZER_BACKENDS, choose_backend
+from megagpt.data.indexed_dataset import best_dtype
+from megagpt.data.preprocess_outputs import Outputs, output_prefix_for  # noqa: F401 (output_prefix_for: API)
+from megagpt.data.readers import (CHUNK_BYTES, COMPRESSED_SUFFIXES, INPUT_FORMATS, TEXT_SPLITS, Chunk,
+                                  check_inputs, iter_chunks, parse_json_line, records, resolve_inputs)
 from megagpt.data.tokenizer import Tokenizer, build_tokenizer
 
-_CHUNK_BYTES = 256 * 1024
+__all__ = ["BadLine", "MAX_REPORTED_BAD_LINES", "PreprocessConfig", "PreprocessSummary", "iter_chunks",
+           "parse_json_line", "preprocess", "resolve_inputs"]
+
 MAX_REPORTED_BAD_LINES = 10  # bad lines named in a report (all are counted)
+_SURROGATES = "text has lone surrogates (not valid Unicode)"
 
 
 @dataclass
 class PreprocessConfig:
     """Options of tools/preprocess_data.py (Megatron flag names, underscores for dashes)."""
 
-    input: str  # a JSONL file or a glob of them (sorted), one JSON object per line
+    input: Union[str, Sequence[str]]  # files and/or globs (each glob's matches sorted), processed in this order
     output_prefix: str  # outputs are <output_prefix>_<key>_document.{bin,idx}
-    json_keys: Sequence[str] = ("text",)  # keys to tokenize; each gets its own output pair
+    json_keys: Sequence[str] = ("text",)  # keys (Parquet: columns) to tokenize; each gets its own output pair
     tokenizer_type: str = "GPT2BPETokenizer"  # GPT2BPETokenizer | HuggingFaceTokenizer | ByteTokenizer
     vocab_file: Optional[str] = None  # GPT-2 encoder.json / vocab.json (bundled GPT-2 files if None)
     merge_file: Optional[str] = None  # GPT-2 vocab.bpe / merges.txt
     tokenizer_model: Optional[str] = None  # tokenizer.json for HuggingFaceTokenizer
+    tokenizer_backend: str = "auto"  # auto | gigatoken | hf: who computes the (identical) ids
     append_eod: bool = False  # append the tokenizer's eod to every document
+    input_format: str = "auto"  # auto (by extension) | jsonl | text | parquet
+    text_split: str = "blank-line"  # plain text: a document per blank-line-separated block, or per file
+    output_per_input: bool = False  # one output per input file instead of one for all
+    resume: bool = False  # skip inputs a previous run finished (recorded in <output_prefix>.progress.jsonl)
     workers: int = 1  # tokenizer processes; 1 tokenizes in the main process (no IPC)
     log_interval: int = 1000  # log a line every this many documents (0: never)
     progress: bool = True  # tqdm bar on stderr (shown only when stderr is a terminal)
-    chunk_bytes: int = _CHUNK_BYTES  # input bytes per work item
+    chunk_bytes: int = CHUNK_BYTES  # input bytes per work item
+    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES  # gigatoken: growth per process before its cache is dropped
 
     def validate(self) -> None:
+        """Flag problems found without reading any input; ValueError names the flag."""
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not self.json_keys:
             raise ValueError("--json-keys needs at least one key")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        for flag, value, valid in (("--tokenizer-backend", self.tokenizer_backend, TOKENIZER_BACKENDS),
+                                   ("--input-format", self.input_format, INPUT_FORMATS),
+                                   ("--text-split", self.text_split, TEXT_SPLITS)):
+            if value not in valid:
+                raise ValueError(f"{flag} {value!r} is not one of {', '.join(valid)}")
+
+    def settings(self) -> dict:
+        """What decides the bytes written (a resumed run must match): not workers, backend or logging."""
+        return {"json_keys": list(self.json_keys), "tokenizer_type": self.tokenizer_type,
+                "vocab_file": self.vocab_file, "merge_file": self.merge_file, "tokenizer_model": self.tokenizer_model,
+                "append_eod": self.append_eod, "input_format": self.input_format, "text_split": self.text_split,
+                "output_per_input": self.output_per_input}
 
 
 @dataclass(frozen=True)
@@ -68,7 +96,7 @@ class BadLine:
     """One skipped input line: where it is and why it was skipped."""
 
     path: str
-    line: int  # 1-based line number within `path`
+    line: int  # 1-based line number within `path` (Parquet: row number)
     reason: str
 
     def __str__(self) -> str:
@@ -81,15 +109,18 @@ class PreprocessSummary:
 
     documents: int = 0  # documents written (per key; all keys get the same count)
     tokens: int = 0  # tokens written, summed over keys, eod included
-    bytes_read: int = 0  # input bytes consumed
-    lines: int = 0  # non-blank input lines seen
+    bytes_read: int = 0  # input bytes consumed (decompressed)
+    lines: int = 0  # non-blank input lines (records) seen
     skipped: int = 0  # bad lines skipped
     empty: int = 0  # good lines whose text tokenized to nothing
     skipped_by_reason: dict = field(default_factory=dict)
     first_bad: list = field(default_factory=list)  # first 10 BadLine
     seconds: float = 0.0  # wall time of the whole call
     first_write_seconds: float = 0.0  # call start -> first document written (start-up cost)
-    outputs: dict = field(default_factory=dict)  # json key -> output prefix
+    outputs: dict = field(default_factory=dict)  # label (json key, or input stem/key) -> output prefix
+    backend: str = ""  # which tokenizer backend ran, and why
+    inputs: int = 0  # input files
+    resumed_inputs: int = 0  # inputs a previous run had finished (their counts are included above)
 
     @property
     def mb_per_s(self) -> float:
@@ -103,33 +134,48 @@ class PreprocessSummary:
         text = (f"Done: {self.documents} documents, {self.tokens} tokens, {self.bytes_read / 1e6:.2f} MB in "
                 f"{self.seconds:.2f} s ({self.mb_per_s:.2f} MB/s, {self.tokens_per_s:.0f} tokens/s); "
                 f"skipped {self.skipped} bad lines, {self.empty} empty documents")
+        if self.resumed_inputs:
+            text += f"; {self.resumed_inputs} of {self.inputs} inputs finished by an earlier run (counted here)"
         if self.skipped:
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped_by_reason.items()))
             text += f" ({reasons}); first {len(self.first_bad)}:\n" + "\n".join(f"  {b}" for b in self.first_bad)
         return text
 
+    def add(self, documents: int, tokens: int, nbytes: int, lines: int, empty: int, reasons: dict,
+            bad: Sequence[BadLine]) -> None:
+        """Count one chunk (or one input a previous run finished) in."""
+        self.documents += documents
+        self.tokens += tokens
+        self.bytes_read += nbytes
+        self.lines += lines
+        self.empty += empty
+        total = Counter(self.skipped_by_reason)
+        total.update(reasons)
+        self.skipped_by_reason, self.skipped = dict(total), sum(total.values())
+        self.first_bad.extend(bad[: max(0, MAX_REPORTED_BAD_LINES - len(self.first_bad))])
 
-@dataclass(frozen=True)
-class _Chunk:
-    path_index: int
-    first_line: int  # 1-based number of lines[0]
-    lines: list  # raw bytes per line
-    nbytes: int
+    def ledger_entry(self) -> dict:
+        """The counts a finished input leaves in the progress ledger (see `add`)."""
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes_read, "lines": self.lines,
+                "empty": self.empty, "reasons": self.skipped_by_reason,
+                "first_bad": [[b.line, b.reason] for b in self.first_bad]}
 
 
 @dataclass
 class _ChunkResult:
-    tokens: list  # per key: 1-D array, documents concatenated
+    tokens: list  # per key: 1-D array, documents concatenated (eod included)
     lengths: np.ndarray  # [docs, keys] tokens per document
-    bad: list  # (path_index, line, reason)
+    bad: list  # (line, reason), by line
     empty: int
     lines: int
     nbytes: int
+    path_index: int
+    last: bool
 
 
 @dataclass(frozen=True)
 class _TokenizerSpec:
-    """Picklable recipe so each worker builds its own tokenizer once."""
+    """Picklable recipe so each worker builds its own HF tokenizer once (gigatoken ones pickle themselves)."""
 
     tokenizer_type: str
     vocab_file: Optional[str]
@@ -140,131 +186,95 @@ class _TokenizerSpec:
         return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file, self.tokenizer_model)
 
 
-def parse_json_line(raw: bytes, keys: Sequence[str]) -> tuple[list[str], Optional[str]]:
-    """The string values of `keys` in one JSON-lines record, or ([], why the line is unusable)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return [], "invalid UTF-8"
-    except ValueError:
-        return [], "malformed JSON"
-    if not isinstance(obj, dict):
-        return [], f"not a JSON object ({type(obj).__name__})"
-    for key in keys:
-        if key not in obj:
-            return [], f"missing key {key!r}"
-        if not isinstance(obj[key], str):
-            return [], f"key {key!r} is not a string ({type(obj[key]).__name__})"
-    return [obj[key] for key in keys], None
+def _with_eod(flat: np.ndarray, lengths: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """`eod` appended to every document of a flat batch, in one vectorized pass."""
+    ends = np.cumsum(lengths + 1) - 1
+    out = np.empty(flat.size + lengths.size, dtype=np.promote_types(flat.dtype, np.min_scalar_type(eod)))
+    keep = np.ones(out.size, dtype=bool)
+    keep[ends] = False
+    out[keep] = flat
+    out[ends] = eod
+    return out, lengths + 1
 
 
 class _Encoder:
-    """Turns a chunk of raw lines into token arrays; one per worker process (or the main one)."""
+    """Turns a chunk into token arrays; one per worker process (or the main one)."""
 
-    def __init__(self, tokenizer: Tokenizer, keys: Sequence[str], append_eod: bool, dtype: np.dtype) -> None:
-        self.tokenizer, self.keys, self.append_eod, self.dtype = tokenizer, tuple(keys), append_eod, dtype
+    def __init__(self, tokenizer: Tokenizer, keys: Sequence[str], append_eod: bool) -> None:
+        self.tokenizer, self.keys, self.append_eod = tokenizer, tuple(keys), append_eod
 
-    def _tokenize_all(self, texts: list, bad_at: list) -> list:
-        """Tokenize texts; a text the tokenizer rejects (lone surrogates) yields None and a reason."""
+    def _tokenize(self, texts: list) -> tuple[np.ndarray, np.ndarray, list]:
+        """Flat ids and lengths; a text the tokenizer rejects (lone surrogates) gets length 0 and is listed."""
         try:
-            return self.tokenizer.tokenize_batch(texts)
+            flat, lengths = self.tokenizer.tokenize_flat(texts)
+            return flat, lengths, []
         except (UnicodeError, TypeError, ValueError):
-            out = []
+            pieces, lengths, rejected = [], np.zeros(len(texts), dtype=np.int64), []
             for i, text in enumerate(texts):
                 try:
-                    out.append(self.tokenizer.tokenize(text))
+                    piece = self.tokenizer.tokenize_flat([text])[0]
                 except (UnicodeError, TypeError, ValueError):
-                    out.append(None)
-                    bad_at.append(i)
-            return out
+                    rejected.append(i)
+                    continue
+                pieces.append(piece)
+                lengths[i] = piece.size
+            return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)), lengths, rejected
 
-    def __call__(self, chunk: _Chunk) -> _ChunkResult:
-        bad: list = []
-        line_nos: list = []
-        texts: list = [[] for _ in self.keys]
-        n_lines = 0
-        for offset, raw in enumerate(chunk.lines):
-            if not raw.strip():
-                continue
-            n_lines += 1
-            line_no = chunk.first_line + offset
-            values, reason = parse_json_line(raw, self.keys)
-            if reason:
-                bad.append((chunk.path_index, line_no, reason))
-                continue
-            line_nos.append(line_no)
-            for k, value in enumerate(values):
-                texts[k].append(value)
-
-        keep = [True] * len(line_nos)
-        ids_per_key = []
+    def __call__(self, chunk: Chunk) -> _ChunkResult:
+        line_nos, texts, bad, seen = records(chunk, self.keys)
+        keep = np.ones(len(line_nos), dtype=bool)
+        per_key = []
         for k in range(len(self.keys)):
-            bad_at: list = []
-            ids = self._tokenize_all(texts[k], bad_at)
-            for i in bad_at:
+            flat, lengths, rejected = self._tokenize(texts[k])
+            for i in rejected:
                 if keep[i]:
                     keep[i] = False
-                    bad.append((chunk.path_index, line_nos[i], "text has lone surrogates (not valid Unicode)"))
-            ids_per_key.append(ids)
-        empty = 0
-        for i in range(len(line_nos)):
-            if keep[i] and any(not ids[i] for ids in ids_per_key):
-                keep[i], empty = False, empty + 1
-        bad.sort(key=lambda b: b[1])
-
-        rows = [i for i in range(len(line_nos)) if keep[i]]
-        eod = [self.tokenizer.eod] if self.append_eod else []
-        lengths = np.zeros((len(rows), len(self.keys)), dtype=np.int64)
-        flat = []
-        for k, ids in enumerate(ids_per_key):
-            docs = [ids[i] + eod if eod else ids[i] for i in rows]
-            lengths[:, k] = [len(d) for d in docs]
-            total = int(lengths[:, k].sum())
-            flat.append(np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=total))
-        return _ChunkResult(flat, lengths, bad, empty, n_lines, chunk.nbytes)
+                    bad.append((line_nos[i], _SURROGATES))
+            per_key.append((flat, lengths))
+        nonempty = np.logical_and.reduce([lengths > 0 for _, lengths in per_key])
+        empty = int((keep & ~nonempty).sum())
+        keep &= nonempty
+        bad.sort(key=lambda b: b[0])
+        tokens, columns = [], []
+        for flat, lengths in per_key:
+            if not keep.all():
+                flat, lengths = flat[np.repeat(keep, lengths)], lengths[keep]
+            if self.append_eod:
+                flat, lengths = _with_eod(flat, lengths, self.tokenizer.eod)
+            tokens.append(flat)
+            columns.append(lengths)
+        return _ChunkResult(tokens, np.stack(columns, axis=1), bad, empty, seen, chunk.nbytes, chunk.path_index,
+                            chunk.last)
 
 
 _WORKER_ENCODER: Optional[_Encoder] = None  # per worker process, set once by _init_worker
 
 
-def _init_worker(spec: _TokenizerSpec, keys: Sequence[str], append_eod: bool, dtype: np.dtype) -> None:
+def _init_worker(recipes, keys: Sequence[str], append_eod: bool) -> None:
+    """Warm up (imports), then wait for the tokenizer recipe the main process sends once it has chosen one.
+
+    Workers start before the main process has built and checked its tokenizer, so their interpreter start and
+    imports overlap that work; a None recipe means the run was abandoned before any chunk was sent.
+    """
     global _WORKER_ENCODER
     # The processes are the parallelism; Rust thread pools in each would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = _Encoder(spec.build(), keys, append_eod, dtype)
+    recipe = recipes.get()
+    if recipe is None:
+        return
+    tokenizer = recipe.build() if isinstance(recipe, _TokenizerSpec) else recipe
+    _WORKER_ENCODER = _Encoder(tokenizer, keys, append_eod)
 
 
-def _encode_in_worker(chunk: _Chunk) -> _ChunkResult:
+def _encode_in_worker(chunk: Chunk) -> _ChunkResult:
     return _WORKER_ENCODER(chunk)
 
 
-def resolve_inputs(pattern: str) -> list[str]:
-    """The input file, or the sorted files matching a glob; FileNotFoundError when there are none."""
-    if os.path.isfile(pattern):
-        return [pattern]
-    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError(f"no input file matches {pattern!r}")
-    return paths
+def _noop() -> None:
+    """Submitted once per worker at pool creation: ProcessPoolExecutor starts processes only on submit."""
 
 
-def iter_chunks(paths: Sequence[str], chunk_bytes: int = _CHUNK_BYTES) -> Iterator[_Chunk]:
-    """Lazily yield runs of whole lines of about `chunk_bytes` each (never more than one file per chunk)."""
-    for index, path in enumerate(paths):
-        with open(path, "rb") as f:
-            lines: list = []
-            size, first = 0, 1
-            for line_no, line in enumerate(f, start=1):
-                lines.append(line)
-                size += len(line)
-                if size >= chunk_bytes:
-                    yield _Chunk(index, first, lines, size)
-                    lines, size, first = [], 0, line_no + 1
-            if lines:
-                yield _Chunk(index, first, lines, size)
-
-
-def _ordered_results(encode, pool, chunks: Iterator[_Chunk], in_flight: int) -> Iterator[_ChunkResult]:
+def _ordered_results(encode, pool, chunks: Iterator[Chunk], in_flight: int) -> Iterator[_ChunkResult]:
     """Results in input order, with at most `in_flight` chunks read but not yet consumed."""
     if pool is None:
         for chunk in chunks:
@@ -279,74 +289,100 @@ def _ordered_results(encode, pool, chunks: Iterator[_Chunk], in_flight: int) -> 
         yield pending.popleft().result()
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """Megatron's naming: <output-prefix>_<json-key>_document."""
-    return f"{output_prefix}_{key}_document"
-
-
 def _log(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)
 
 
-def preprocess(config: PreprocessConfig) -> PreprocessSummary:
-    """Tokenize `config.input` into one indexed dataset per JSON key; returns counts and timings.
+def _start_pool(stack: contextlib.ExitStack, config: PreprocessConfig):
+    """Worker processes, started now and handed their tokenizer later (see _init_worker); None at 1 worker."""
+    if config.workers == 1:
+        return None, None
+    context = multiprocessing.get_context("spawn")  # never inherit threads (tqdm, Rust pools) or open files
+    recipes = context.Queue()
+    # ProcessPoolExecutor rather than Pool: a worker that dies (OOM kill) raises BrokenProcessPool here
+    # instead of leaving the main process waiting forever for a lost task.
+    pool = ProcessPoolExecutor(config.workers, context, _init_worker, (recipes, tuple(config.json_keys),
+                                                                        config.append_eod))
+    sent = []
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    stack.callback(lambda: [recipes.put(None) for _ in range(config.workers - len(sent))])
+    for _ in range(config.workers):
+        pool.submit(_noop)
 
-    On any exception no file appears under the output names (builders delete their temp files).
+    def send(recipe) -> None:
+        for _ in range(config.workers):
+            recipes.put(recipe)
+            sent.append(1)
+
+    return pool, send
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Tokenize `config.input` into indexed datasets, one per JSON key (and per input with output_per_input).
+
+    Every problem found without tokenizing (flags, missing inputs or columns, resume conflicts, a bad
+    tokenizer) raises before any chunk is read. On any exception no file appears under an output name that
+    was not finished (builders delete their temp files); finished per-input outputs stay, for --resume.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
     config.validate()
-    paths = resolve_inputs(config.input)
-    total_bytes = sum(os.path.getsize(p) for p in paths)
-    spec = _TokenizerSpec(config.tokenizer_type, config.vocab_file, config.merge_file, config.tokenizer_model)
-    summary = PreprocessSummary(outputs={k: output_prefix_for(config.output_prefix, k) for k in config.json_keys})
-    reasons: Counter = Counter()
+    all_paths = resolve_inputs(config.input)
+    check_inputs(all_paths, config.input_format, config.json_keys)
     with contextlib.ExitStack() as stack:
-        tokenizer = spec.build()  # fails fast on a bad tokenizer before any worker starts
-        dtype = best_dtype(tokenizer.vocab_size)
-        pool = None
-        if config.workers > 1:
-            # spawn: workers never inherit threads (tqdm monitor, Rust pools) or open builder files by fork.
-            # ProcessPoolExecutor rather than Pool: a worker that dies (OOM kill) raises BrokenProcessPool
-            # here instead of leaving the main process waiting forever for a lost task.
-            pool = ProcessPoolExecutor(config.workers, multiprocessing.get_context("spawn"), _init_worker,
-                                       (spec, tuple(config.json_keys), config.append_eod, dtype))
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        encoder = _Encoder(tokenizer, config.json_keys, config.append_eod, dtype)
-        builders = [stack.enter_context(IndexedDatasetBuilder(summary.outputs[k], dtype)) for k in config.json_keys]
-        bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, file=sys.stderr,
-                                       disable=None if config.progress else True, desc="preprocess"))
-        chunks = iter_chunks(paths, config.chunk_bytes)
+        pool, send_recipe = _start_pool(stack, config)
+        tokenizer = build_tokenizer(config.tokenizer_type, config.vocab_file, config.merge_file,
+                                    config.tokenizer_model)
+        outputs = Outputs(config.output_prefix, all_paths, config.json_keys, best_dtype(tokenizer.vocab_size),
+                          config.settings(), config.output_per_input, config.resume)
+        stack.callback(outputs.abort)
+        summary = PreprocessSummary(outputs=outputs.outputs(), inputs=len(all_paths),
+                                    resumed_inputs=len(outputs.done))
+        for e in outputs.done.values():
+            summary.add(e["documents"], e["tokens"], e["bytes"], e["lines"], e["empty"], e["reasons"],
+                        [BadLine(e["input"], n, r) for n, r in e["first_bad"]])
+        todo = [i for i, p in enumerate(all_paths) if p not in outputs.done]
+        paths = [all_paths[i] for i in todo]
+        encoding, summary.backend = choose_backend(tokenizer, config.tokenizer_backend)
+        if hasattr(encoding, "max_cache_bytes"):
+            encoding.max_cache_bytes = config.max_cache_bytes
+        _log(summary.backend)
+        if pool is not None:
+            send_recipe(encoding if encoding is not tokenizer else _TokenizerSpec(
+                config.tokenizer_type, config.vocab_file, config.merge_file, config.tokenizer_model))
+        encoder = _Encoder(encoding, config.json_keys, config.append_eod)
+        del tokenizer  # the HF reference is not needed once the backend is chosen
+        plain = not any(p.endswith(COMPRESSED_SUFFIXES) for p in paths)  # else the total (decompressed) is unknown
+        bar = stack.enter_context(tqdm(total=sum(os.path.getsize(p) for p in paths) if plain else None, unit="B",
+                                       unit_scale=True, file=sys.stderr, disable=None if config.progress else True,
+                                       desc="preprocess"))
+        chunks = iter_chunks(paths, config.chunk_bytes, config.input_format, config.text_split, config.json_keys)
+        per_input = PreprocessSummary()
         for result in _ordered_results(encoder, pool, chunks, 2 * config.workers + 2):
-            offsets = np.zeros(len(builders), dtype=np.int64)
-            for row in result.lengths:
-                for k, builder in enumerate(builders):
-                    end = offsets[k] + row[k]
-                    builder.add_document(result.tokens[k][offsets[k]:end])
-                    offsets[k] = end
-                if summary.documents == 0:
+            index, docs = todo[result.path_index], len(result.lengths)
+            if docs:
+                for k, builder in enumerate(outputs.builders(index)):
+                    builder.add_documents(result.tokens[k], result.lengths[:, k])
+                if summary.first_write_seconds == 0.0:
                     summary.first_write_seconds = time.perf_counter() - start
                     _log(f"first document written after {summary.first_write_seconds:.2f} s")
-                summary.documents += 1
-                if config.log_interval and summary.documents % config.log_interval == 0:
-                    elapsed = time.perf_counter() - start
-                    _log(f"Processed {summary.documents} documents ({summary.documents / elapsed:.1f} docs/s, "
-                         f"{(summary.bytes_read + result.nbytes) / 1e6 / elapsed:.2f} MB/s).")
-            summary.tokens += int(result.lengths.sum())
-            summary.bytes_read += result.nbytes
-            summary.lines += result.lines
-            summary.empty += result.empty
-            for path_index, line, reason in result.bad:
-                reasons[reason] += 1
-                if len(summary.first_bad) < MAX_REPORTED_BAD_LINES:
-                    summary.first_bad.append(BadLine(paths[path_index], line, reason))
+            crossed = (summary.documents + docs) // config.log_interval * config.log_interval \
+                if config.log_interval else 0
+            if crossed > summary.documents:  # one line per chunk, naming the last multiple of the interval
+                elapsed = time.perf_counter() - start
+                _log(f"Processed {crossed} documents ({(summary.documents + docs) / elapsed:.1f} docs/s, "
+                     f"{(summary.bytes_read + result.nbytes) / 1e6 / elapsed:.2f} MB/s).")
+            bad = [BadLine(all_paths[index], line, reason) for line, reason in result.bad]
+            reasons = Counter(reason for _, reason in result.bad)
+            for counts in (summary, per_input):
+                counts.add(docs, int(result.lengths.sum()), result.nbytes, result.lines, result.empty, reasons, bad)
+            if result.last:
+                outputs.finish_input(index, per_input.ledger_entry())
+                per_input = PreprocessSummary()
             bar.update(result.nbytes)
-        for builder in builders:
-            builder.finalize()
-    summary.skipped = sum(reasons.values())
-    summary.skipped_by_reason = dict(reasons)
+        outputs.finish_run()
     summary.seconds = time.perf_counter() - start
     return summary

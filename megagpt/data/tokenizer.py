@@ -104,13 +104,11 @@ def _bytes_to_unicode() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-class _HFBacked(Tokenizer):
-    """Shared decode/vocab logic for tokenizers wrapping a `tokenizers.Tokenizer`."""
+class FixedVocabTokenizer(Tokenizer):
+    """A tokenizer whose vocabulary size and eod are known when it is built (all but the byte tokenizer)."""
 
-    def __init__(self, hf, eod: int) -> None:
-        self._hf = hf
-        self._eod = eod
-        self._vocab_size = hf.get_vocab_size(with_added_tokens=True)
+    def __init__(self, vocab_size: int, eod: int) -> None:
+        self._vocab_size, self._eod = vocab_size, eod
 
     @property
     def vocab_size(self) -> int:
@@ -119,6 +117,14 @@ class _HFBacked(Tokenizer):
     @property
     def eod(self) -> int:
         return self._eod
+
+
+class _HFBacked(FixedVocabTokenizer):
+    """Shared decode/vocab logic for tokenizers wrapping a `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf, eod: int) -> None:
+        super().__init__(hf.get_vocab_size(with_added_tokens=True), eod)
+        self._hf = hf
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
