@@ -1,19 +1,21 @@
-"""Tensor-parallel bytes per rank per training step, measured, against the analytic minimum of Megatron's scheme.
+"""Tensor-parallel collectives per rank per training step, counted, against the analytic minimum of Megatron's scheme.
+
+What it measures: every collective call a rank makes and its algorithmic volume (the bytes a ring algorithm sends
+per rank for that call: all-reduce 2(n-1)/n x bytes, all-gather (n-1) x input bytes, reduce-scatter (n-1) x output
+bytes). It does not measure bytes on the wire: the backend may choose another algorithm (tree, NVLS) or compress.
 
     python bench/comm_volume.py [--layers 2] [--hidden 64] [--heads 4] [--seq 32] [--micro 2] [--microbatches 2]
 
 For TP=2 and TP=4, with and without sequence parallel (DP=1, PP=1, so every collective is TP traffic), one
 training step of a small GPT runs on gloo ranks through `megagpt.training.setup` / `Trainer`, split in two
 measured phases:
-  fwd+bwd    `Trainer._run_schedule` (forward and backward of every micro-batch)
+  fwd+bwd    `engines.native.run_schedule` (forward and backward of every micro-batch)
   optimizer  `TrainingOptimizer.step()` (SP grad all-reduce, grad norm, AdamW)
 Each phase is measured twice, independently:
   comm       `megagpt.parallel.comm.count_bytes()` (what the library's wrappers record)
-  wire       wrappers around the torch.distributed collectives themselves, installed in each rank, so a call that
-             bypasses comm's accounting (e.g. comm.all_reduce_max, which records nothing) is still seen; they also
-             check that every collective ran on the TP group.
-Both use ring volumes per rank: all-reduce 2(n-1)/n x bytes, all-gather (n-1) x input bytes, reduce-scatter
-(n-1) x output bytes.
+  wire       wrappers around the torch.distributed calls themselves, installed in each rank, so a call that
+             bypassed comm's accounting would still be seen; they also check that every collective ran on the TP group.
+Both count the same kinds under the same names (`all_reduce_max` is the max all-reduce of the cross-entropy).
 
 Analytic minimum per micro-batch, A = b s h x 4 bytes (fp32), T = b s x 4 bytes (one fp32 per token), n = TP:
   without SP   embedding g: 1 all-reduce of A (fwd); per layer 2 all-reduces fwd (row-linear g) + 2 bwd
@@ -73,7 +75,7 @@ def _install_wire_counters(tp_ranks: tuple[int, ...]) -> None:
         return t.numel() * t.element_size()
 
     def all_reduce(n, tensor, op=dist.ReduceOp.SUM, **_):
-        kind = "all_reduce(max)" if op == dist.ReduceOp.MAX else "all_reduce"
+        kind = "all_reduce_max" if op == dist.ReduceOp.MAX else "all_reduce"
         return kind, 2 * (n - 1) / n * nbytes(tensor)
 
     wrap("all_reduce", all_reduce)
@@ -105,6 +107,7 @@ def measure_rank(tp: int, sp: bool, a: dict) -> dict:
     """One rank: set up, then count bytes of (fwd+bwd) and (optimizer step) of one training step."""
     from megagpt.engines.native import run_schedule
     from megagpt.parallel import comm
+    from megagpt.parallel.param_tags import is_sequence_parallel
     from megagpt.training import setup
 
     trainer, ps = setup(_config(tp, sp, a), log=False)
@@ -123,7 +126,7 @@ def measure_rank(tp: int, sp: bool, a: dict) -> dict:
         out[phase] = {"comm": dict(counted), "wire": dict(_WIRE)}
     out["foreign"] = dict(_FOREIGN)
     out["sp_param_numel"] = sum(p.numel() for m in trainer.chunks for p in m.parameters()
-                                if getattr(p, "sequence_parallel", False))
+                                if is_sequence_parallel(p))
     return out
 
 
@@ -139,12 +142,12 @@ def minimum(tp: int, sp: bool, a: dict) -> dict[str, dict[str, float]]:
     act = a["micro"] * a["seq"] * a["hidden"] * 4         # A: one [s, b, h] fp32 activation
     tok = a["micro"] * a["seq"] * 4                      # T: one fp32 per token
     ar, ring = 2 * (n - 1) / n, (n - 1) / n
-    ce = {"all_reduce(max)": m * tok * ar, "all_reduce": m * 2 * tok * ar}
+    ce = {"all_reduce_max": m * tok * ar, "all_reduce": m * 2 * tok * ar}
     if sp:
         fwd = {"all_gather": m * (4 * L + 2) * act * ring, "reduce_scatter": m * (4 * L + 2) * act * ring, **ce}
         opt = {"all_reduce": (sp_param_numel(a) + 1) * 4 * ar}
     else:
-        fwd = {"all_reduce": m * (4 * L + 2) * act * ar + ce["all_reduce"], "all_reduce(max)": ce["all_reduce(max)"]}
+        fwd = {"all_reduce": m * (4 * L + 2) * act * ar + ce["all_reduce"], "all_reduce_max": ce["all_reduce_max"]}
         opt = {"all_reduce": 1 * 4 * ar}
     return {"fwd+bwd": fwd, "optimizer": opt}
 
@@ -180,7 +183,7 @@ def main() -> None:
                 tw, tc, tm = sum(wire.values()), sum(comm_c.values()), sum(mn.values())
                 rows.append([layout, phase, "TOTAL", f"{tm:,.0f}", f"{tc:,.0f}", f"{tw:,.0f}", f"{tw / tm:.2f}"])
                 headline.append([layout, phase, f"{tm:,.0f}", f"{tw:,.0f}", f"{tw / tm:.2f}",
-                                 "" if tc == tw else f"comm.count_bytes misses {tw - tc:,.0f} B (all_reduce_max)"])
+                                 "" if tc == tw else f"comm.count_bytes misses {tw - tc:,.0f} B"])
             excess = sum(r0["fwd+bwd"]["wire"].values()) - sum(mins["fwd+bwd"].values())
             emb_ar = a["microbatches"] * a["micro"] * a["seq"] * a["hidden"] * 4 * (tp - 1) / tp
             if sp and excess > 0:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import ModelConfig
+from megagpt.parallel.param_tags import is_tensor_parallel, tp_split_dim
 
 
 PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pretrain_gpt.py")
@@ -39,11 +40,11 @@ def batch(seed: int, batch_size: int, seq_length: int, vocab: int) -> tuple[torc
 
 def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
     """The full tensor of a TP-split parameter (or the tensor itself when replicated)."""
-    if not getattr(param, "tensor_model_parallel", False) or dist.get_world_size(group) == 1:
+    if not is_tensor_parallel(param) or dist.get_world_size(group) == 1:
         return tensor.detach().clone()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=param.partition_dim)
+    return torch.cat(parts, dim=tp_split_dim(param))
 
 
 def full_state(model: torch.nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distributed import run_distributed
+from megagpt.parallel.param_tags import tag
 
 FULL = {"col": (8, 6), "row": (5, 8), "bias": (5,), "ln": (6,)}    # unsharded shapes
 SPLIT = {"col": 0, "row": 1}                                        # TP partition dim (others replicated)
@@ -30,11 +31,11 @@ def _tp_params(ps, grads: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
         if n in SPLIT:
             piece = g.chunk(ps.tp_size, dim=SPLIT[n])[ps.tp_rank]
             p = nn.Parameter(torch.zeros_like(piece))
-            p.tensor_model_parallel, p.partition_dim = True, SPLIT[n]
+            tag(p, tp_split_dim=SPLIT[n])
         else:
             piece = g
             p = nn.Parameter(torch.zeros_like(g))
-            p.sequence_parallel = n == "ln"
+            tag(p, sequence_parallel=n == "ln")
         p.grad = piece.clone()
         params[n] = p
     return params
@@ -78,8 +79,7 @@ def _pp_norm() -> float:
     g = full_grads()
     emb = nn.Parameter(torch.zeros(6, 4))
     emb.grad = torch.arange(24, dtype=torch.float32).view(6, 4) / 10    # identical on both stages (tied)
-    emb.shared_embedding = True
-    emb.is_embedding_copy = not ps.is_first_stage
+    tag(emb, shared_embedding=True, embedding_copy=not ps.is_first_stage)
     stage_param = nn.Parameter(torch.zeros_like(g["col"] if ps.is_first_stage else g["row"]))
     stage_param.grad = (g["col"] if ps.is_first_stage else g["row"]).clone()
     return get_grad_norm([emb, stage_param], ps)

@@ -13,6 +13,7 @@ from torch import nn
 from distributed import run_distributed
 from test_zero import pack, unpack
 from megagpt.optim.grad_buffer import BUCKET_ALIGN, DataParallelGradReducer, GradBuffer
+from megagpt.parallel.param_tags import tag
 
 MODES = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)]   # (zero stage, overlap)
 
@@ -131,10 +132,9 @@ def _finalize_case(tp: int, pp: int, out_dir: str) -> str:
     results = []
     for zero, overlap in MODES:
         params = {n: nn.Parameter(torch.zeros(s)) for n, s in SHAPES.items()}
-        params["ln"].sequence_parallel = True
-        params["col"].tensor_model_parallel, params["col"].partition_dim = True, 0
-        params["emb"].shared_embedding = True
-        params["emb"].is_embedding_copy = not ps.is_first_stage
+        tag(params["ln"], sequence_parallel=True)
+        tag(params["col"], tp_split_dim=0)
+        tag(params["emb"], shared_embedding=True, embedding_copy=not ps.is_first_stage)
         reducer = DataParallelGradReducer(list(params.values()), ps, bucket_size=16,
                                           use_distributed_optimizer=zero > 0, overlap_grad_reduce=overlap,
                                           zero_stage=max(zero, 1))

@@ -18,6 +18,7 @@ from torch.testing import assert_close
 from distributed import assert_check_passed, run_checks, run_distributed
 from megagpt.parallel import comm
 from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megagpt.parallel.param_tags import ParamTag, tags_of
 from megagpt.parallel.state import ParallelState
 
 S, B = 8, 2  # sequence divisible by 2 and 4
@@ -160,7 +161,7 @@ def check_every_tp_size_builds_the_same_model(group, r, n):
         for param, dim, seed in ((col.weight, 0, 20), (row.weight, 1, 21), (emb.weight, 0, 22)):
             gathered.append((tp, param, dim, seed, _gather_shards(param, dim, state)))
     for tp, param, dim, seed, full in gathered:  # compare after all collectives
-        assert param.tensor_model_parallel and param.partition_dim == dim and param.partition_stride == 1
+        assert tags_of(param) == ParamTag(tp_split_dim=dim)
         assert torch.equal(full, master(tuple(full.shape), seed)), f"tp={tp} dim={dim}"
 
 
@@ -171,9 +172,9 @@ def check_parameter_attributes_and_repr(group, r, n):
     emb = VocabParallelEmbedding(VOCAB, H, group, init_method=init_method(3))
     assert col.weight.shape == (OUT // n, IN) and row.weight.shape == (IN, OUT // n)
     assert emb.weight.shape == (VOCAB // n, H)
-    assert col.bias.tensor_model_parallel and col.bias.partition_dim == 0 and col.bias.shape == (OUT // n,)
-    assert not row.bias.tensor_model_parallel and row.bias.shape == (IN,)
-    assert row.bias.sequence_parallel is True and row_plain.bias.sequence_parallel is False
+    assert tags_of(col.bias) == ParamTag(tp_split_dim=0) and col.bias.shape == (OUT // n,)
+    assert tags_of(row.bias) == ParamTag(sequence_parallel=True) and row.bias.shape == (IN,)
+    assert tags_of(row_plain.bias) == ParamTag()
     assert f"in={IN}, out={OUT} (tp={n}: out/tp={OUT // n})" in repr(col)
     assert f"in={OUT}, out={IN} (tp={n}: in/tp={OUT // n})" in repr(row)
     assert f"num_embeddings={VOCAB}, embedding_dim={H} (tp={n}: vocab/tp={VOCAB // n}" in repr(emb)

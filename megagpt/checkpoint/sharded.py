@@ -34,6 +34,7 @@ from megagpt.config import Config
 from megagpt.fileio import atomic_torch_save, atomic_write_text
 from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
+from megagpt.parallel.param_tags import is_embedding_copy, tp_split_dim
 from megagpt.parallel.state import ParallelState
 
 @dataclass
@@ -81,13 +82,13 @@ def _local_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
     info = {}
     for c, chunk in enumerate(chunks):
         for name, p in chunk.named_parameters():
-            split = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+            split = tp_split_dim(p)
             shape = list(p.shape)
             if split is not None:
                 shape[split] *= ps.tp_size
             info[name] = {"shape": shape, "split_dim": split, "dtype": str(p.dtype).replace("torch.", ""),
                           "pp_rank": ps.pp_rank, "chunk": c}
-            if getattr(p, "is_embedding_copy", False):
+            if is_embedding_copy(p):
                 info[name]["tied_to"] = "embedding.word_embeddings.weight"
     return info
 

@@ -54,6 +54,7 @@ from megagpt.fileio import atomic_torch_save, atomic_write_text, fsync_tree
 from megagpt.optim.lr_schedule import LRScheduler
 from megagpt.optim.mixed_precision import build_torch_optimizer, uses_weight_decay
 from megagpt.parallel import random as tp_random
+from megagpt.parallel.param_tags import is_tensor_parallel
 from megagpt.parallel.state import ParallelState
 
 
@@ -142,6 +143,8 @@ class DeepSpeedEngine:
 
         self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
         model = chunks[0]
+        for p in model.parameters():   # DeepSpeed's grad norm reads Megatron's attribute to count TP shards
+            p.tensor_model_parallel = is_tensor_parallel(p)
 
         # DeepSpeed reads the local rank from the environment only; srun, mpirun (MPICH) and plain `python` launches,
         # which megagpt's launcher accepts, do not set it.

@@ -15,6 +15,7 @@ from megagpt.model.transformer import LayerNorm, TransformerLayer, seeded_normal
 from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagpt.parallel.param_tags import tag
 from megagpt.parallel.layers import VocabParallelEmbedding, pad_vocab_size
 from megagpt.parallel.state import ParallelState
 
@@ -43,9 +44,8 @@ class Embedding(nn.Module):
         seeded_normal_init(seed, "embedding.position_embeddings.weight", cfg.init_method_std)(master)
         with torch.no_grad():
             self.position_embeddings.weight.copy_(master)
-        self.position_embeddings.weight.tensor_model_parallel = False
         # Under SP each TP rank adds only its sequence slice of positions: its grad is partial, summed over TP.
-        self.position_embeddings.weight.sequence_parallel = sequence_parallel
+        tag(self.position_embeddings.weight, sequence_parallel=sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,10 +93,10 @@ class GPTModel(nn.Module):
                 self.output_layer = VocabParallelEmbedding(
                     self.padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=params_dtype, device=device,
                     init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
-                self.output_layer.weight.is_embedding_copy = True
+                tag(self.output_layer.weight, embedding_copy=True)
         tied = ps.pp_size > 1
         for weight in self.tied_embedding_weights():
-            weight.shared_embedding = tied
+            tag(weight, shared_embedding=tied)
 
     def tied_embedding_weights(self) -> list[nn.Parameter]:
         """The word-embedding weight(s) held by this chunk: the original on the first stage, the copy on the last."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megagpt.config import ModelConfig
 from megagpt.model.softmax import FusedScaleMaskSoftmax
 from megagpt.parallel import random as tp_random
+from megagpt.parallel.param_tags import tag
 from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megagpt.parallel.state import ParallelState
 
@@ -48,8 +49,7 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, hidden: int, eps: float, sequence_parallel: bool, device, dtype) -> None:
         super().__init__(hidden, eps=eps, device=device, dtype=dtype)
         for p in self.parameters():
-            p.sequence_parallel = sequence_parallel
-            p.tensor_model_parallel = False
+            tag(p, sequence_parallel=sequence_parallel)
 
 
 class ParallelAttention(nn.Module):

@@ -1,10 +1,10 @@
 """Global gradient norm across TP, PP and DP, counting every model weight exactly once, and norm clipping.
 
 Which grads count on this rank (`param_counts_toward_norm`):
-- TP-split params (`tensor_model_parallel`): on every TP rank (each holds a different slice);
+- TP-split params (tagged with a TP split dim, param_tags.py): on every TP rank (each holds a different slice);
 - replicated params (LayerNorm, row-linear biases, position embeddings): only on tp_rank 0, since every TP rank
   holds the same grad (sequence-parallel ones after their TP all-reduce);
-- the last stage's copy of the tied word embedding (`is_embedding_copy`): never, the first stage counts it.
+- the last stage's copy of the tied word embedding (tagged `embedding_copy`): never, the first stage counts it.
 The sum of squares is then all-reduced over ps.mp_group (TP x PP of this replica) and, when each DP rank holds
 only its ZeRO shard of the grads, over ps.dp_group too. Without ZeRO every DP rank holds the same reduced grads,
 so a DP reduction would count them DP times.
@@ -19,13 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megagpt.parallel import comm
+from megagpt.parallel.param_tags import is_embedding_copy, is_tensor_parallel
 
 
 def param_counts_toward_norm(param: nn.Parameter, ps) -> bool:
     """True when this rank's grad of `param` is part of the global norm (see module docstring)."""
-    if getattr(param, "is_embedding_copy", False):
+    if is_embedding_copy(param):
         return False
-    return bool(getattr(param, "tensor_model_parallel", False)) or ps.tp_rank == 0
+    return is_tensor_parallel(param) or ps.tp_rank == 0
 
 
 def param_grad(param: nn.Parameter) -> Optional[torch.Tensor]:

@@ -31,14 +31,12 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megagpt.optim.bucket_layout import bucket_layout
+from megagpt.optim.bucket_layout import (BUCKET_ALIGN, KIND_DP, KIND_EMBEDDING_SYNC,  # noqa: F401 (re-exported)
+                                          KIND_TP_SYNC, bucket_layout)
 from megagpt.optim.clip import param_grad
 from megagpt.parallel import comm
 from megagpt.parallel.param_tags import is_sequence_parallel, is_shared_embedding
 
-BUCKET_ALIGN = 64  # elements; shard starts aligned to 256 B (fp32 grads) / 128 B (bf16 params) for NCCL's fast path
-KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC = "dp", "tp_sync", "embedding_sync"
-KIND_ORDER = (KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC)   # buffer order: pre-reduced kinds last
 
 
 @dataclass(eq=False)
@@ -113,7 +111,7 @@ class GradBuffer:
         self.grad_dtype = grad_dtype
         device = params[0].device
         self.layout = layout = bucket_layout([p.numel() for p in self.params], [kinds[id(p)] for p in self.params],
-                                             KIND_ORDER, dp_size, bucket_size, BUCKET_ALIGN)
+                                             dp_size, bucket_size)
         self.param_range: dict[int, tuple[int, int]] = {   # id(param) -> [start, end) in the buffer, unpadded
             id(self.params[i]): r for i, r in layout.param_range.items()}
         self.param_bucket: dict[int, Bucket] = {}

@@ -1,8 +1,9 @@
-"""Raw collectives: the one place that papers over backend differences (gloo vs NCCL) and counts bytes.
+"""Raw collectives: the one place that papers over backend and torch-version differences and counts bytes.
 
 Callers never touch torch.distributed collectives directly; they use these wrappers so that
-(a) a backend lacking a fused collective gets a correct fallback here, not in every caller, and
-(b) `count_bytes()` can measure the communication volume of a training step (bench/comm_volume.py).
+(a) torch's renames (2.13: `all_gather_single` / `reduce_scatter_single` for `all_gather_into_tensor` /
+    `reduce_scatter_tensor`) and NCCL's batched p2p are handled here, not in every caller, and
+(b) `count_bytes()` can count the algorithmic volume of a training step's collectives (bench/comm_volume.py).
 Groups of size 1 short-circuit without any call.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 _active_counters: list[Counter] = []
+
 
 
 @contextlib.contextmanager
@@ -46,8 +48,10 @@ def all_reduce(tensor: torch.Tensor, group, async_op: bool = False):
     return dist.all_reduce(tensor, group=group, async_op=async_op)
 
 
-def _has_fused(name: str, group) -> bool:
-    return hasattr(dist, name) and dist.get_backend(group) in ("nccl", "gloo")
+def _flat_collective(new_name: str, old_name: str):
+    """The flat-tensor collective under this torch's name (looked up per call, so instrumentation sees it).
+    gloo and NCCL both run it; only the name differs between torch versions."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
 def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group, async_op: bool = False):
@@ -57,10 +61,8 @@ def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group, async_op:
         output.copy_(input_)
         return None
     _record("all_gather", (n - 1) * input_.numel() * input_.element_size())
-    fused = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-    if fused is not None and _has_fused(fused.__name__, group):
-        return fused(output, input_.contiguous(), group=group, async_op=async_op)
-    return dist.all_gather(list(output.chunk(n)), input_.contiguous(), group=group, async_op=async_op)
+    gather = _flat_collective("all_gather_single", "all_gather_into_tensor")
+    return gather(output, input_.contiguous(), group=group, async_op=async_op)
 
 
 def reduce_scatter_into(output: torch.Tensor, input_: torch.Tensor, group, async_op: bool = False):
@@ -70,10 +72,8 @@ def reduce_scatter_into(output: torch.Tensor, input_: torch.Tensor, group, async
         output.copy_(input_)
         return None
     _record("reduce_scatter", (n - 1) * output.numel() * output.element_size())
-    fused = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-    if fused is not None and _has_fused(fused.__name__, group):
-        return fused(output, input_.contiguous(), group=group, async_op=async_op)
-    return dist.reduce_scatter(output, list(input_.chunk(n)), group=group, async_op=async_op)
+    scatter = _flat_collective("reduce_scatter_single", "reduce_scatter_tensor")
+    return scatter(output, input_.contiguous(), group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group, async_op: bool = False):

@@ -5,10 +5,9 @@ fp32, filled in place by the caller's `init_method`; each rank then copies its o
 and the master is freed. Hence any TP size builds exactly the same model as TP=1, and peak extra memory is one
 full parameter. Biases start at zero.
 
-Sharded parameters carry `tensor_model_parallel=True`, `partition_dim` (0 column/vocab rows, 1 row-parallel
-input dim) and `partition_stride=1`; replicated ones `tensor_model_parallel=False`. The row-parallel bias under
-sequence parallelism also carries `sequence_parallel=True`: each rank only sees its slice of the sequence, so
-its gradient must be all-reduced over TP by the gradient-finalisation code.
+Sharded parameters are tagged (param_tags.py) with their TP split dim (0 column/vocab rows, 1 row-parallel input
+dim). The row-parallel bias under sequence parallelism is tagged `sequence_parallel`: each rank only sees its slice
+of the sequence, so its gradient must be all-reduced over TP by the gradient-finalisation code.
 
 Activations are [s, b, h]; under sequence parallelism the tensors entering ColumnParallelLinear and leaving
 RowParallelLinear are [s/tp, b, h].
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megagpt.parallel.param_tags import tag
 from megagpt.parallel.mappings import (
     copy_to_tp_region,
     divide,
@@ -45,15 +45,6 @@ def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> in
     return -(-vocab_size // multiple) * multiple
 
 
-def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, partition_dim: int = 0,
-                                         stride: int = 1) -> None:
-    """Tag a parameter with how it is split over TP (read by checkpointing, grad clipping and finalisation)."""
-    param.tensor_model_parallel = is_parallel
-    if is_parallel:
-        param.partition_dim = partition_dim
-        param.partition_stride = stride
-
-
 def _sharded_param(full_shape: tuple[int, ...], partition_dim: Optional[int], group, init_method: InitMethod,
                    params_dtype: torch.dtype, device) -> nn.Parameter:
     """Build the full fp32 master on CPU, fill it with `init_method`, keep this rank's slice along `partition_dim`.
@@ -71,13 +62,13 @@ def _sharded_param(full_shape: tuple[int, ...], partition_dim: Optional[int], gr
     with torch.no_grad():
         param.copy_(shard)
     del master, shard
-    set_tensor_model_parallel_attributes(param, partition_dim is not None, partition_dim or 0)
+    tag(param, tp_split_dim=partition_dim)
     return param
 
 
 def _zero_bias(size: int, params_dtype: torch.dtype, device, is_parallel: bool) -> nn.Parameter:
     bias = nn.Parameter(torch.zeros(size, dtype=params_dtype, device=device))
-    set_tensor_model_parallel_attributes(bias, is_parallel, 0)
+    tag(bias, tp_split_dim=0 if is_parallel else None)
     return bias
 
 
@@ -153,7 +144,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _sharded_param((output_size, input_size), 1, group, init_method, params_dtype, device)
         if bias:
             self.bias = _zero_bias(output_size, params_dtype, device, False)
-            self.bias.sequence_parallel = sequence_parallel
+            tag(self.bias, sequence_parallel=sequence_parallel)
         else:
             self.bias = None
 
