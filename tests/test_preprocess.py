@@ -448,3 +448,40 @@ def test_cli_several_inputs_per_input_outputs_and_backend(tmp_path):
     assert f"part1/text: {tmp_path}/o/c_part1_text_document.bin" in r.stderr
     bad = subprocess.run(cmd[:-4] + ["--tokenizer-backend", "tiktoken"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'tiktoken'" in bad.stderr
+
+
+def test_resume_after_sigkill(tmp_path):
+    """A run killed (SIGKILL) while on its third input resumes there: the first two are not redone, the dead
+    run's temporary files are removed, and the outputs equal a clean run's."""
+    import signal
+    import time
+
+    paths = _three_inputs(tmp_path)
+    data = open(FIXTURE, "rb").read()
+    with open(paths[2], "wb") as f:
+        f.write(data * 40)  # ~15 MB: seconds of work with the hf backend, time to kill it there
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", *paths,
+           "--output-prefix", str(tmp_path / "run"), "--tokenizer-type", "GPT2BPETokenizer", "--append-eod",
+           "--tokenizer-backend", "hf", "--output-per-input", "--resume", "--log-interval", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = tmp_path / "run.progress.jsonl"
+    deadline = time.time() + 60
+    temporary = str(tmp_path / "run_part2_text_document.bin.tmp-*")
+    while time.time() < deadline and not glob.glob(temporary):  # the third input is being written
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ledger.read_text().count("\n") == 3, "the run finished before it could be killed"
+    assert glob.glob(temporary)
+    assert not os.path.exists(tmp_path / "run_part2_text_document.bin")
+    done_before = os.path.getmtime(tmp_path / "run_part0_text_document.bin")
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "2 of 3 inputs finished by an earlier run" in r.stderr
+    assert os.path.getmtime(tmp_path / "run_part0_text_document.bin") == done_before
+    assert not glob.glob(str(tmp_path / "*.tmp-*"))
+    pp.preprocess(_cfg(tmp_path, "clean", input=paths, output_per_input=True, append_eod=True))
+    for i in range(3):
+        assert _bytes_of(str(tmp_path / f"run_part{i}_text_document")) == _bytes_of(
+            str(tmp_path / f"clean_part{i}_text_document"))

@@ -353,8 +353,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         if pool is not None:
             send_recipe(encoding if encoding is not tokenizer else _TokenizerSpec(
                 config.tokenizer_type, config.vocab_file, config.merge_file, config.tokenizer_model))
-        encoder = _Encoder(encoding, config.json_keys, config.append_eod)
-        del tokenizer  # the HF reference is not needed once the backend is chosen
+        # The main process keeps a tokenizer only if it tokenizes itself (~50-100 MB it need not hold).
+        encoder = _Encoder(encoding, config.json_keys, config.append_eod) if pool is None else None
+        del tokenizer, encoding
         plain = not any(p.endswith(COMPRESSED_SUFFIXES) for p in paths)  # else the total (decompressed) is unknown
         bar = stack.enter_context(tqdm(total=sum(os.path.getsize(p) for p in paths) if plain else None, unit="B",
                                        unit_scale=True, file=sys.stderr, disable=None if config.progress else True,

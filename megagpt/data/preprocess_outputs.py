@@ -11,6 +11,7 @@ from a crash is ignored), so `--resume` skips what is on disk. Every .bin/.idx a
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -41,6 +42,16 @@ def progress_path(output_prefix: str) -> str:
     return output_prefix + ".progress.jsonl"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Outputs:
     """Builders for the documents of each input, and the record of which inputs are finished.
 
@@ -64,6 +75,8 @@ class Outputs:
                 raise ValueError(f"--output-per-input: several inputs would write the same output name {clash[0]!r}")
         if self.ledger:
             self.done = self._read_ledger(settings) if resume else {}
+            if resume:
+                self._remove_dead_temporaries()
             if not resume or not os.path.exists(self.ledger):
                 os.makedirs(os.path.dirname(os.path.abspath(self.ledger)), exist_ok=True)
                 self._write_lines([{"settings": settings}], mode="w")
@@ -111,6 +124,16 @@ class Outputs:
             if all(IndexedDataset.exists(output_prefix_for(prefix, k)) for k in self.keys):
                 done[path] = entry
         return done
+
+    def _remove_dead_temporaries(self) -> None:
+        """Delete the temporary .bin/.idx files a killed run left (named .tmp-<pid>; live pids are left alone)."""
+        prefixes = [self.prefix_of(i) for i, p in enumerate(self.paths) if p not in self.done] + [self.output_prefix]
+        for prefix in prefixes:
+            for key in self.keys:
+                for path in glob.glob(glob.escape(output_prefix_for(prefix, key)) + ".*.tmp-*"):
+                    pid = path.rsplit(".tmp-", 1)[1]
+                    if pid.isdigit() and not _alive(int(pid)):
+                        os.remove(path)
 
     def _write_lines(self, objs: list, mode: str = "a") -> None:
         with open(self.ledger, mode, encoding="utf-8") as f:
