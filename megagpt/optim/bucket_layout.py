@@ -13,6 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+# Reduction kinds, in buffer order: plain DP buckets first; params pre-reduced over TP (sequence-parallel replicated
+# params) or over the embedding group (tied word embedding, PP > 1) in buckets of their own at the end.
+KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC = "dp", "tp_sync", "embedding_sync"
+KIND_ORDER = (KIND_DP, KIND_TP_SYNC, KIND_EMBEDDING_SYNC)
+BUCKET_ALIGN = 64  # elements; shard starts aligned to 256 B (fp32 grads) / 128 B (bf16 params) for NCCL's fast path
+
 
 @dataclass(frozen=True)
 class BucketSpan:
@@ -55,8 +61,8 @@ class BucketLayout:
         return pieces
 
 
-def bucket_layout(numels: Sequence[int], kinds: Sequence[str], kinds_order: Sequence[str], dp_size: int,
-                  bucket_size: Optional[int], align: int) -> BucketLayout:
+def bucket_layout(numels: Sequence[int], kinds: Sequence[str], dp_size: int, bucket_size: Optional[int],
+                  kinds_order: Sequence[str] = KIND_ORDER, align: int = BUCKET_ALIGN) -> BucketLayout:
     """The buffer layout of parameters with `numels[i]` elements and reduction kind `kinds[i]`, given in
     registration order (see the module docstring for the rules)."""
     if len(numels) != len(kinds):
