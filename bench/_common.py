@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megagpt.diagnostics.hardware import matmul_rate  # noqa: E402,F401 (benchmarks import it from here)
 from megagpt.parallel.launch import free_port  # noqa: E402,F401 (benchmarks import it from here)
 
 
@@ -50,30 +51,6 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> tuple[list[
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return wall, cpu
-
-
-def matmul_rate(sizes: Sequence[int] = (1024, 1536, 2048), reps: int = 5) -> tuple[float, float, int]:
-    """Best fp32 FLOP/s of torch.mm on square matrices (2 n^3 FLOPs per product) with the current thread count.
-
-    Best-of is the honest ceiling on a shared machine: the fastest run is the one least disturbed by neighbours.
-    Returns (FLOP/s by wall clock, FLOP/s by process CPU time / threads, n of the best wall-clock run).
-    """
-    best, best_cpu, best_n = 0.0, 0.0, sizes[0]
-    threads = torch.get_num_threads()
-    for n in sizes:
-        gen = torch.Generator().manual_seed(n)
-        a = torch.randn(n, n, generator=gen)
-        b = torch.randn(n, n, generator=gen)
-        out = torch.empty(n, n)
-        torch.mm(a, b, out=out)  # warm-up (page faults, packing buffers)
-        for _ in range(reps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            torch.mm(a, b, out=out)
-            rate = 2.0 * n ** 3 / (time.perf_counter() - t0)
-            best_cpu = max(best_cpu, 2.0 * n ** 3 / max((time.process_time() - c0) / threads, 1e-9))
-            if rate > best:
-                best, best_n = rate, n
-    return best, best_cpu, best_n
 
 
 def median(xs: Sequence[float]) -> float:

@@ -29,7 +29,7 @@ class Cluster:
     inter_node_gbps: float          # achievable bus bandwidth across nodes, GB/s per GPU (InfiniBand/RoCE)
     achievable_mfu: float           # fraction of peak the model's GEMMs reach (bubbles and exposed comm excluded)
     memory_gbps: float = 2000.0     # device memory bandwidth, GB/s: the optimizer step and elementwise ops
-    latency_us: float = 10.0        # per collective step (NCCL ring hop); gloo on loopback is slower
+    latency_us: float = 20.0        # per collective or p2p message: launch and synchronisation
     device: str = "cuda"            # "cuda" or "cpu": decides dropout-mask and LayerNorm-statistic dtypes
     runtime_gib: float = 1.0        # memory outside PyTorch's allocator: CUDA context, cuBLAS workspace, NCCL buffers
     fragmentation: float = 0.10     # allowance for the caching allocator's fragmentation, fraction of the total

@@ -1,0 +1,131 @@
+"""Step time of a layout on a cluster: GEMM FLOPs at the achievable MFU, elementwise traffic, TP collectives,
+pipeline bubble and p2p, DP/ZeRO collectives with the overlap the trainer really does, the optimizer step.
+
+Why each term (the trainer's behaviour they mirror):
+- compute: model FLOPs (train_log.model_flops_per_iteration's terms) per micro-batch and stage, / TP, plus the
+  recompute's extra forward (full: the layers; selective: the attention core), at peak x achievable MFU;
+- elementwise: LayerNorm, GELU, softmax, dropout and adds are bandwidth-bound: ~4 passes over the saved
+  activations (written in forward, read in backward, their grads written and read) at device memory bandwidth;
+- TP: 2 all-reduces of s b h per layer forward and 2 backward (DESIGN.md), or under SP 2 all-gathers and 2
+  reduce-scatters each way (same bytes); full recompute repeats the forward ones. Synchronous: never hidden;
+- pipeline: 1F1B takes m x (slowest stage) + the fill and drain of the others, interleaving divides the fill by
+  v; p2p sends are blocking batches (executor.py), so each micro-batch pays them on the critical path;
+- DP: DDP all-reduces the fp32 grad buffer, ZeRO reduce-scatters it and all-gathers the updated params (model
+  dtype). With --overlap-grad-reduce the buckets start during the last micro-batch's backward, so only what
+  exceeds that backward is exposed; the ZeRO all-gather after the step is always exposed;
+- optimizer: fused AdamW plus norm and clip touch ~44 bytes per owned element at memory bandwidth.
+Links: ranks are placed TP fastest, then DP, then PP (DESIGN.md), nodes hold consecutive ranks, so a group is
+inside one node when its span of ranks fits in gpus_per_node; otherwise it runs at the inter-node bandwidth.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from megagpt.config import Config, num_microbatches, num_model_chunks
+from megagpt.plan.cluster import Cluster
+from megagpt.plan.memory import Dims, chunk_activation_bytes, dims, grad_layout, rank_chunks
+from megagpt.train_log import model_flops_per_iteration
+
+OPTIMIZER_BYTES_PER_ELEMENT = 44   # AdamW reads p, g, m, v and writes p, m, v (28); copy to model; norm + clip
+ELEMENTWISE_PASSES = 4
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step by term, and the throughput they imply."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    tflops_per_gpu: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+
+def _link(span: int, cluster: Cluster) -> float:
+    """Bytes/s of a group whose ranks span `span` consecutive ranks."""
+    return (cluster.intra_node_gbps if span <= cluster.gpus_per_node else cluster.inter_node_gbps) * 1e9
+
+
+def ring_time(nbytes: float, n: int, bandwidth: float, cluster: Cluster, all_reduce: bool) -> float:
+    """Ring all-reduce (2 (n-1)/n B / busbw) or all-gather / reduce-scatter ((n-1)/n B / busbw), plus one
+    launch latency."""
+    if n <= 1:
+        return 0.0
+    steps = 2 * (n - 1) if all_reduce else n - 1
+    return steps / n * nbytes / bandwidth + cluster.latency_us * 1e-6
+
+
+def chunk_forward_flops(config: Config, d: Dims, layers: int, last: bool) -> tuple[float, float]:
+    """(GEMM FLOPs of one micro-batch's forward through a chunk on all TP ranks, recompute's extra forward)."""
+    s, b, h, f = d.s, d.b, d.h, d.f
+    attention_core = 4.0 * b * s * s * h
+    layer = 8.0 * s * b * h * h + 4.0 * s * b * h * f + attention_core
+    extra = {"full": layer, "selective": attention_core}.get(config.model.recompute_granularity, 0.0)
+    return layers * layer + (2.0 * s * b * h * d.V if last else 0.0), layers * extra
+
+
+def stage_microbatch_time(config: Config, d: Dims, pp_rank: int, cluster: Cluster) -> dict[str, float]:
+    """Seconds one micro-batch spends on one rank of stage `pp_rank` (forward + backward, all its chunks)."""
+    rate = cluster.gpu_peak_tflops * 1e12 * cluster.achievable_mfu
+    tp_bw = _link(d.t, cluster)
+    compute = elementwise = tp = 0.0
+    no_recompute = copy.deepcopy(config)
+    no_recompute.model.recompute_granularity = None
+    for layers, first, last in rank_chunks(config, pp_rank):
+        fwd, extra = chunk_forward_flops(config, d, layers, last)
+        compute += (3.0 * fwd + extra) / d.t / rate
+        # Traffic follows the activations created, not those kept: recompute creates the recomputed ones twice.
+        created = sum(chunk_activation_bytes(no_recompute, d, layers, first, last).values())
+        kept = sum(chunk_activation_bytes(config, d, layers, first, last).values())
+        elementwise += (ELEMENTWISE_PASSES * created + (created - kept)) / (cluster.memory_gbps * 1e9)
+        nbytes = d.e * d.sbh
+        per_layer = 4 + (2 if config.model.recompute_granularity == "full" else 0)   # all-reduce equivalents
+        collectives = layers * per_layer + (1 if first else 0) + (2 if last else 0)
+        tp += collectives * ring_time(nbytes, d.t, tp_bw, cluster, all_reduce=True)
+    return {"compute": compute, "elementwise": elementwise, "tp": tp}
+
+
+def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
+    """Predicted seconds per step, by term (see the module docstring for what each term mirrors)."""
+    d = dims(config, world_size, cluster.device)
+    p = config.parallel
+    m, v = num_microbatches(config, d.dp), num_model_chunks(config)
+    stages = [stage_microbatch_time(config, d, r, cluster) for r in range(d.pp)]
+    per_mb = [sum(x.values()) for x in stages]
+    p2p = 0.0
+    if d.pp > 1:
+        bw = _link(d.t * d.dp * d.pp, cluster)
+        p2p = v * 2 * (d.e * d.sbh / d.sp / bw + cluster.latency_us * 1e-6)
+    slowest = max(range(d.pp), key=lambda r: per_mb[r])
+    fill = (sum(per_mb) - per_mb[slowest]) / v
+    out = StepTime()
+    for name in ("compute", "elementwise", "tp"):
+        out.terms[{"compute": "GEMM compute", "elementwise": "elementwise ops", "tp": "TP collectives"}[name]] = \
+            m * stages[slowest][name]
+    out.terms["pipeline bubble"] = fill
+    out.terms["pipeline p2p"] = (m + d.pp - 1) * p2p
+    # DP on the slowest stage's buffer (the others finish no later)
+    numel = grad_layout(config, d, slowest).numel
+    dp_bw = _link(d.t * d.dp, cluster)
+    zero = p.zero_stage if p.use_distributed_optimizer else 0
+    if zero:
+        reduce = ring_time(4.0 * numel, d.dp, dp_bw, cluster, all_reduce=False)
+        gather = ring_time(float(d.e * numel), d.dp, dp_bw, cluster, all_reduce=False)
+    else:
+        reduce, gather = ring_time(4.0 * numel, d.dp, dp_bw, cluster, all_reduce=True), 0.0
+    if p.overlap_grad_reduce:
+        reduce = max(0.0, reduce - stages[slowest]["compute"] * 2.0 / 3.0)
+    out.terms["DP grad reduction (exposed)"] = reduce
+    out.terms["ZeRO param all-gather"] = gather
+    if d.pp > 1:
+        out.terms["tied-embedding all-reduce"] = ring_time(4.0 * d.V // d.t * d.h, 2, _link(world_size, cluster),
+                                                           cluster, all_reduce=True)
+    owned = numel / d.dp if zero else numel
+    out.terms["optimizer step"] = owned * OPTIMIZER_BYTES_PER_ELEMENT / (cluster.memory_gbps * 1e9)
+    total = out.total
+    out.tokens_per_s = config.train.global_batch_size * d.s / total
+    out.tflops_per_gpu = model_flops_per_iteration(config, d.V) / total / world_size / 1e12
+    return out
