@@ -293,8 +293,9 @@ def _compress(src, dst):
     else:
         import zstandard
 
-        with open(dst, "wb") as f:
-            f.write(zstandard.ZstdCompressor().compress(data))
+        with open(dst, "wb") as f:  # two frames, as concatenated .zst files are
+            half = len(data) // 2
+            f.write(zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:]))
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
@@ -308,6 +309,17 @@ def test_compressed_jsonl_equals_plain(tmp_path, suffix):
     assert [(b.line, b.reason) for b in comp.first_bad] == [(b.line, b.reason) for b in plain.first_bad]
     assert _report(comp)[:6] == _report(plain)[:6] and comp.bytes_read == os.path.getsize(src)
     assert _bytes_of(str(tmp_path / "comp_text_document")) == _bytes_of(str(tmp_path / "plain_text_document"))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_truncated_compressed_input_is_named_and_leaves_nothing(tmp_path, suffix):
+    packed = str(tmp_path / ("in.jsonl" + suffix))
+    _compress(FIXTURE, packed)
+    data = open(packed, "rb").read()
+    open(packed, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"in.jsonl{suffix}: cannot read"):
+        pp.preprocess(_cfg(tmp_path, "out", input=packed, tokenizer_type="ByteTokenizer"))
+    assert sorted(os.listdir(tmp_path)) == [f"in.jsonl{suffix}"]
 
 
 def test_plain_text_blocks_and_files(tmp_path):

@@ -114,10 +114,48 @@ def open_input(path: str) -> BinaryIO:
 
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, across concatenated frames. Unlike zstandard's stream_reader, a file
+    that ends inside a frame raises EOFError (as gzip does) instead of ending quietly with data lost."""
+
+    def __init__(self, path: str) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._file = open(path, "rb")
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._frame, self._in_frame = self._new(), False
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            raw = self._file.read(1 << 20)
+            if not raw:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            pieces = []
+            while raw:
+                if self._frame.eof:
+                    self._frame = self._new()
+                pieces.append(self._frame.decompress(raw))
+                raw = self._frame.unused_data if self._frame.eof else b""
+            self._in_frame = not self._frame.eof
+            self._out, self._pos = b"".join(pieces), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
@@ -153,25 +191,39 @@ def _cut_blocks(f: BinaryIO, chunk_bytes: int, find_cut: Callable[[bytes], int])
 
 def iter_chunks(paths: Sequence[str], chunk_bytes: int = CHUNK_BYTES, input_format: str = "jsonl",
                 text_split: str = "blank-line", keys: Sequence[str] = ("text",)) -> Iterator[Chunk]:
-    """Lazily cut every input into chunks of whole records, files in order; memory is one chunk at a time."""
+    """Lazily cut every input into chunks of whole records, files in order; memory is one chunk at a time.
+
+    A file that cannot be read to its end (truncated or corrupt compression, I/O error) raises ValueError naming it.
+    """
     for index, path in enumerate(paths):
-        fmt = format_of(path, input_format)
-        if fmt == "parquet":
-            yield from _parquet_chunks(index, path, keys, chunk_bytes)
-            continue
-        with open_input(path) as f:
-            if fmt == "text" and text_split == "file":
-                data = f.read()
-                yield Chunk(index, 1, data, len(data), "text-file", last=True)
-                continue
-            line, previous = 1, None
-            cutter = _after_last_newline if fmt == "jsonl" else _after_last_blank_line
-            for block in _cut_blocks(f, chunk_bytes, cutter):
-                if previous is not None:
-                    yield previous
-                previous = Chunk(index, line, block, len(block), fmt)
-                line += block.count(b"\n")
-            yield Chunk(index, line, b"", 0, fmt, last=True) if previous is None else replace(previous, last=True)
+        try:
+            yield from _file_chunks(index, path, format_of(path, input_format), chunk_bytes, text_split, keys)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: cannot read: {e}") from e
+        except Exception as e:
+            if type(e).__name__ != "ZstdError":  # corrupt .zst data (zstandard is imported only for .zst input)
+                raise
+            raise ValueError(f"{path}: cannot read: {e}") from e
+
+
+def _file_chunks(index: int, path: str, fmt: str, chunk_bytes: int, text_split: str,
+                 keys: Sequence[str]) -> Iterator[Chunk]:
+    if fmt == "parquet":
+        yield from _parquet_chunks(index, path, keys, chunk_bytes)
+        return
+    with open_input(path) as f:
+        if fmt == "text" and text_split == "file":
+            data = f.read()
+            yield Chunk(index, 1, data, len(data), "text-file", last=True)
+            return
+        line, previous = 1, None
+        cutter = _after_last_newline if fmt == "jsonl" else _after_last_blank_line
+        for block in _cut_blocks(f, chunk_bytes, cutter):
+            if previous is not None:
+                yield previous
+            previous = Chunk(index, line, block, len(block), fmt)
+            line += block.count(b"\n")
+        yield Chunk(index, line, b"", 0, fmt, last=True) if previous is None else replace(previous, last=True)
 
 
 def _parquet_chunks(index: int, path: str, keys: Sequence[str], chunk_bytes: int) -> Iterator[Chunk]:
