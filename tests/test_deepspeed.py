@@ -67,14 +67,16 @@ def _train_deepspeed(ds_paths: dict, tp: int) -> dict:
         trainer, ps = setup(config, log=False)
         partitions = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in trainer.chunks[0].named_parameters()
                       if hasattr(p, "ds_tensor")}
-        losses = train_loop(config, trainer, ps, log=False).losses
-        out[case] = losses, _full_weights(trainer), partitions, trainer.engine.engine.zero_cpu_offload()
+        result = train_loop(config, trainer, ps, log=False)
+        out[case] = (result.losses, result.grad_norms, _full_weights(trainer), partitions,
+                     trainer.engine.engine.zero_cpu_offload())
     return out
 
 
-def _check_case(zero: dict, losses, weights, partitions, offload) -> None:
-    ref_losses, ref_weights = reference()
+def _check_case(zero: dict, losses, norms, weights, partitions, offload) -> None:
+    ref_losses, ref_norms, ref_weights, _ = reference()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-5, atol=0)
     assert offload == ("offload_optimizer" in zero)
     if zero["stage"] == 3:   # every param (TP shard) really is split over DP=2: each rank holds half, rounded up
         assert partitions.keys() == ref_weights.keys()
