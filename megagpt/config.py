@@ -60,6 +60,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = arg(1, "tensor-parallel ranks (TP)")
     pipeline_model_parallel_size: int = arg(1, "pipeline stages (PP)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = arg(None, "layers per virtual stage (interleaved 1F1B)")
+    pipeline_schedule: Optional[str] = arg(None, "pipeline schedule: 1f1b, interleaved, zb-h1 or zb-v (default: "
+                                           "interleaved with --num-layers-per-virtual-pipeline-stage, else 1f1b)",
+                                           choices=[None, "1f1b", "interleaved", "zb-h1", "zb-v"])
     sequence_parallel: bool = arg(False, "keep LayerNorm/dropout activations split along the sequence over TP")
     use_distributed_optimizer: bool = arg(False, "ZeRO: shard fp32 master weights and Adam state over DP")
     zero_stage: int = arg(1, "ZeRO stage with --use-distributed-optimizer: 1 shards optimizer state, 2 also grads",
