@@ -197,11 +197,20 @@ def _with_eod(flat: np.ndarray, lengths: np.ndarray, eod: int) -> tuple[np.ndarr
     return out, lengths + 1
 
 
+def _narrow(flat: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`flat` in the output dtype when every id fits (half the bytes back to the main process, nothing left to
+    convert there); otherwise unchanged, so the builder's range check names the id that does not fit."""
+    if flat.dtype == dtype:
+        return flat
+    info = np.iinfo(dtype)
+    return flat.astype(dtype) if not flat.size or (flat.min() >= info.min and flat.max() <= info.max) else flat
+
+
 class _Encoder:
     """Turns a chunk into token arrays; one per worker process (or the main one)."""
 
-    def __init__(self, tokenizer: Tokenizer, keys: Sequence[str], append_eod: bool) -> None:
-        self.tokenizer, self.keys, self.append_eod = tokenizer, tuple(keys), append_eod
+    def __init__(self, tokenizer: Tokenizer, keys: Sequence[str], append_eod: bool, dtype: np.dtype) -> None:
+        self.tokenizer, self.keys, self.append_eod, self.dtype = tokenizer, tuple(keys), append_eod, dtype
 
     def _tokenize(self, texts: list) -> tuple[np.ndarray, np.ndarray, list]:
         """Flat ids and lengths; a text the tokenizer rejects (lone surrogates) gets length 0 and is listed."""
@@ -241,7 +250,7 @@ class _Encoder:
                 flat, lengths = flat[np.repeat(keep, lengths)], lengths[keep]
             if self.append_eod:
                 flat, lengths = _with_eod(flat, lengths, self.tokenizer.eod)
-            tokens.append(flat)
+            tokens.append(_narrow(flat, self.dtype))
             columns.append(lengths)
         return _ChunkResult(tokens, np.stack(columns, axis=1), bad, empty, seen, chunk.nbytes, chunk.path_index,
                             chunk.last)
@@ -259,11 +268,12 @@ def _init_worker(recipes, keys: Sequence[str], append_eod: bool) -> None:
     global _WORKER_ENCODER
     # The processes are the parallelism; Rust thread pools in each would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    recipe = recipes.get()
-    if recipe is None:
+    sent = recipes.get()
+    if sent is None:
         return
+    recipe, dtype = sent
     tokenizer = recipe.build() if isinstance(recipe, _TokenizerSpec) else recipe
-    _WORKER_ENCODER = _Encoder(tokenizer, keys, append_eod)
+    _WORKER_ENCODER = _Encoder(tokenizer, keys, append_eod, dtype)
 
 
 def _encode_in_worker(chunk: Chunk) -> _ChunkResult:
@@ -301,19 +311,20 @@ def _start_pool(stack: contextlib.ExitStack, config: PreprocessConfig):
         return None, None
     context = multiprocessing.get_context("spawn")  # never inherit threads (tqdm, Rust pools) or open files
     recipes = context.Queue()
+    recipes.cancel_join_thread()  # a worker that died before reading its recipe must not hang our exit
     # ProcessPoolExecutor rather than Pool: a worker that dies (OOM kill) raises BrokenProcessPool here
     # instead of leaving the main process waiting forever for a lost task.
-    pool = ProcessPoolExecutor(config.workers, context, _init_worker, (recipes, tuple(config.json_keys),
-                                                                        config.append_eod))
+    pool = ProcessPoolExecutor(config.workers, context, _init_worker,
+                               (recipes, tuple(config.json_keys), config.append_eod))
     sent = []
     stack.callback(pool.shutdown, wait=True, cancel_futures=True)
     stack.callback(lambda: [recipes.put(None) for _ in range(config.workers - len(sent))])
     for _ in range(config.workers):
         pool.submit(_noop)
 
-    def send(recipe) -> None:
+    def send(recipe, dtype: np.dtype) -> None:
         for _ in range(config.workers):
-            recipes.put(recipe)
+            recipes.put((recipe, dtype))
             sent.append(1)
 
     return pool, send
@@ -352,9 +363,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         _log(summary.backend)
         if pool is not None:
             send_recipe(encoding if encoding is not tokenizer else _TokenizerSpec(
-                config.tokenizer_type, config.vocab_file, config.merge_file, config.tokenizer_model))
+                config.tokenizer_type, config.vocab_file, config.merge_file, config.tokenizer_model), outputs.dtype)
         # The main process keeps a tokenizer only if it tokenizes itself (~50-100 MB it need not hold).
-        encoder = _Encoder(encoding, config.json_keys, config.append_eod) if pool is None else None
+        encoder = _Encoder(encoding, config.json_keys, config.append_eod, outputs.dtype) if pool is None else None
         del tokenizer, encoding
         plain = not any(p.endswith(COMPRESSED_SUFFIXES) for p in paths)  # else the total (decompressed) is unknown
         bar = stack.enter_context(tqdm(total=sum(os.path.getsize(p) for p in paths) if plain else None, unit="B",
