@@ -3,3 +3,5 @@
 Pure arithmetic: no process groups, no allocation (tests/test_imports.py keeps parallel/, engines/ and training
 out). Measurement of this machine for `--cluster cpu-here` lives in megagpt/diagnostics/hardware.py.
 """
+
+from megagpt.plan.report import dry_run, explain, startup_report  # noqa: E402,F401 (the trainer's entry points)
