@@ -30,7 +30,8 @@ COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 
 @dataclass(frozen=True)
 class Chunk:
-    """A run of whole records of one input file; `data` is raw bytes (jsonl, text) or column lists (parquet)."""
+    """A run of whole records of one input file; `data` is raw bytes (jsonl, text) or Arrow columns (parquet),
+    so turning records into Python strings happens in the workers."""
 
     path_index: int
     first_line: int  # 1-based line (Parquet: row) number where `data` starts
@@ -236,11 +237,9 @@ def _parquet_chunks(index: int, path: str, keys: Sequence[str], chunk_bytes: int
     for batch in pf.iter_batches(batch_size=batch_rows, columns=list(keys)):
         if previous is not None:
             yield previous
-        columns = tuple(batch.column(k).to_pylist() for k in keys)
-        previous = Chunk(index, row, columns, int(batch.nbytes), "parquet")
+        previous = Chunk(index, row, tuple(batch.column(k) for k in keys), int(batch.nbytes), "parquet")
         row += batch.num_rows
-    yield Chunk(index, 1, tuple([] for _ in keys), 0, "parquet", last=True) if previous is None else \
-        replace(previous, last=True)
+    yield Chunk(index, 1, (), 0, "parquet", last=True) if previous is None else replace(previous, last=True)
 
 
 def _problem(obj: Any, keys: Sequence[str]) -> str:
@@ -284,7 +283,7 @@ def records(chunk: Chunk, keys: Sequence[str]) -> tuple[list[int], list[list[str
     bad: list[tuple[int, str]] = []
     seen = 0
     if chunk.kind == "parquet":
-        for offset, values in enumerate(zip(*chunk.data)):
+        for offset, values in enumerate(zip(*(column.to_pylist() for column in chunk.data))):
             seen += 1
             missing = next((k for k, v in zip(keys, values) if v is None), None)
             if missing is not None:
