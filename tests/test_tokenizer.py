@@ -207,13 +207,15 @@ def _adversarial():
 
 
 def _assert_same_ids(reference, fast, texts):
-    flat, lengths = fast.tokenize_flat(texts)
-    assert lengths.tolist() == [len(ids) for ids in reference.tokenize_batch(texts)]
-    start = 0
-    for text, n in zip(texts, lengths.tolist()):
-        assert flat[start:start + n].tolist() == reference.tokenize(text), text[:60]
-        start += n
-    assert fast.tokenize_batch(texts[:20]) == reference.tokenize_batch(texts[:20])
+    """Every way the fast tokenizer encodes (chosen per chunk, single-document, batch) gives the reference ids."""
+    expected = reference.tokenize_batch(texts)
+    for flat, lengths in (fast.tokenize_flat(texts), fast.encode_each(texts), fast.encode_batched(texts)):
+        assert lengths.tolist() == [len(ids) for ids in expected]
+        start = 0
+        for text, n, want in zip(texts, lengths.tolist(), expected):
+            assert flat[start:start + n].tolist() == want, text[:60]
+            start += n
+    assert fast.tokenize_batch(texts[:20]) == expected[:20]
 
 
 def test_gigatoken_equals_hf_gpt2(gpt2):
@@ -267,7 +269,7 @@ def test_backend_choice_and_reasons(gpt2, monkeypatch):
     monkeypatch.undo()
 
     pytest.importorskip("gigatoken")
-    real = ft.GigatokenTokenizer.tokenize_flat
+    real = ft.GigatokenTokenizer.encode_each
 
     def off_by_one_on_emoji(self, texts):
         flat, lengths = real(self, texts)
@@ -276,7 +278,7 @@ def test_backend_choice_and_reasons(gpt2, monkeypatch):
             flat[-1] += 1
         return flat, lengths
 
-    monkeypatch.setattr(ft.GigatokenTokenizer, "tokenize_flat", off_by_one_on_emoji)
+    monkeypatch.setattr(ft.GigatokenTokenizer, "encode_each", off_by_one_on_emoji)
     tok, note = ft.choose_backend(gpt2, "auto")
     assert tok is gpt2 and note.startswith("tokenizer backend: hf (gigatoken not used: gigatoken ")
     assert "disagrees with HF tokenizers on text" in note and "ids differ from token" in note
@@ -286,6 +288,30 @@ def test_backend_choice_and_reasons(gpt2, monkeypatch):
     def crash(self, texts):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ft.GigatokenTokenizer, "tokenize_flat", crash)
+    monkeypatch.setattr(ft.GigatokenTokenizer, "encode_each", crash)
     tok, note = ft.choose_backend(gpt2, "auto")
     assert tok is gpt2 and "fails on this tokenizer (RuntimeError: boom)" in note
+
+
+def test_gigatoken_short_documents_use_a_checked_batch_path(gpt2, monkeypatch):
+    """Chunks of short texts go through encode_batch, but only after it agreed with encode() in this process;
+    a batch path that disagrees is never used (ids stay right, only slower)."""
+    from megagpt.data import fast_tokenizer as ft
+
+    lines = [line for doc in _fixture_docs(10) for line in doc.split("\n")]
+    fast = _gigatoken(gpt2)
+    assert fast._batch_agrees is None
+    _assert_same_ids(gpt2, fast, lines)
+    assert fast._batch_agrees is True
+
+    real = ft.GigatokenTokenizer.encode_batched
+
+    def wrong(self, texts):
+        flat, lengths = real(self, texts)
+        return flat + 1, lengths
+
+    monkeypatch.setattr(ft.GigatokenTokenizer, "encode_batched", wrong)
+    fresh = _gigatoken(gpt2)
+    flat, lengths = fresh.tokenize_flat(lines)
+    assert fresh._batch_agrees is False
+    assert flat.tolist() == [t for ids in gpt2.tokenize_batch(lines) for t in ids]
