@@ -115,11 +115,12 @@ def measure_rank(tp: int, sp: bool, a: dict) -> dict:
     for model in trainer.chunks:
         model.train()
     optimizer = trainer.engine.optimizer
-    optimizer.zero_grad()
-    batches = trainer.train_data.next_step(trainer.num_microbatches)
+    count = trainer.num_microbatches
+    optimizer.zero_grad(count)
+    batches = trainer.train_data.next_step(count)
     out = {}
-    for phase, run in (("fwd+bwd", lambda: run_schedule(trainer.config, trainer.chunks, ps, batches, False)),
-                       ("optimizer", optimizer.step)):
+    for phase, run in (("fwd+bwd", lambda: run_schedule(trainer.config, trainer.chunks, ps, batches, count, False)),
+                       ("optimizer", lambda: optimizer.step(trainer.global_batch_size))):
         _WIRE.clear()
         with comm.count_bytes() as counted:
             run()

@@ -45,7 +45,7 @@ def time_megagpt(args: argparse.Namespace) -> tuple[tuple[list[float], list[floa
     single_rank_env()
     config = megagpt_config(args, args.warmup + args.iters)
     trainer, _ = setup(config, log=False)
-    flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab)
+    flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab, trainer.global_batch_size)
     losses: list[float] = []
 
     def step() -> None:

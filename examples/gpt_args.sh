@@ -21,5 +21,5 @@ esac
 # Shared by every size: GPT-2 context and tokenizer, bf16, ZeRO-1, cosine decay, Megatron-style cadence.
 echo "--seq-length 1024 --max-position-embeddings 1024 --tokenizer-type GPT2BPETokenizer --bf16" \
      "--use-distributed-optimizer --overlap-grad-reduce --lr-warmup-iters 2000 --lr-decay-style cosine" \
-     "--weight-decay 0.1 --clip-grad 1.0 --split 969,30,1 --log-interval 10 --eval-interval 1000" \
-     "--eval-iters 10 --save-interval 1000"
+     "--weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --split 969,30,1 --log-interval 10" \
+     "--eval-interval 1000 --eval-iters 10 --save-interval 1000"

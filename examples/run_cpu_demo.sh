@@ -17,7 +17,8 @@ OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 8
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 \
   --micro-batch-size 4 --global-batch-size 32 --train-iters "$TRAIN_ITERS" \
-  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5 --lr-decay-style cosine --weight-decay 0.01 --clip-grad 1.0 \
+  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5 --lr-decay-style cosine --weight-decay 0.01 --adam-beta2 0.95 \
+  --clip-grad 1.0 \
   --hidden-dropout 0.0 --attention-dropout 0.0 \
   --data-path data/shakespeare_text_document --split 949,50,1 --tokenizer-type GPT2BPETokenizer \
   --log-interval 5 --eval-interval 20 --eval-iters 2 --seed 1234 --num-threads 1 \

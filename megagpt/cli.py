@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any, Optional, Sequence
 
 from megagpt.config import SECTIONS, Config
@@ -38,16 +39,50 @@ def build_parser() -> argparse.ArgumentParser:
             meta, flag, dest = f.metadata, _flag(f), f"{section}.{f.name}"
             if f.type == "bool":
                 action = "store_false" if flag.startswith("--no-") else "store_true"
-                group.add_argument(flag, dest=dest, action=action, default=None, help=meta["help"])
+                group.add_argument(flag, *meta.get("aliases", []), dest=dest, action=action, default=None,
+                                   help=meta["help"])
                 continue
             kind = {"int": int, "float": float}.get(str(f.type).removeprefix("Optional[").rstrip("]"), str)
-            kwargs: dict[str, Any] = dict(dest=dest, type=kind, default=None, help=meta["help"])
+            kwargs: dict[str, Any] = dict(dest=dest, type=meta.get("type", kind), default=None, help=meta["help"])
             if "choices" in meta:
                 kwargs["choices"] = [c for c in meta["choices"] if c is not None]
             if "nargs" in meta:
                 kwargs["nargs"] = meta["nargs"]
-            group.add_argument(flag, **kwargs)
+            group.add_argument(flag, *meta.get("aliases", []), **kwargs)
+    _add_deprecated(parser.add_argument_group("deprecated Megatron-LM forms (accepted with a note)"))
     return parser
+
+
+def _add_deprecated(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--checkpoint-activations", action="store_true",
+                       help="old name of --recompute-granularity full")
+    group.add_argument("--data-impl", choices=["mmap", "lazy", "cached", "infer"],
+                       help="old dataset implementation switch: only mmap exists (megagpt memory-maps every dataset)")
+    group.add_argument("--use-mcore-models", action="store_true", help="old switch: megagpt has one model")
+    group.add_argument("--transformer-impl", choices=["local", "transformer_engine", "inference_optimized"],
+                       help="megagpt runs its own layers (= Megatron's local); Transformer Engine is not used")
+
+
+def _apply_deprecated(ns: argparse.Namespace, config: Config) -> list[str]:
+    """Map the deprecated forms onto the config; returns one note per form used. A value megagpt cannot honour
+    stops here, before start-up."""
+    notes = []
+    if ns.checkpoint_activations:
+        config.model.recompute_granularity = "full"
+        notes.append("--checkpoint-activations is deprecated: using --recompute-granularity full")
+    if ns.data_impl is not None:
+        if ns.data_impl not in ("mmap", "infer"):
+            raise SystemExit(f"--data-impl {ns.data_impl} is not supported: megagpt reads every dataset memory-mapped "
+                             f"(--data-impl mmap); drop the flag")
+        notes.append(f"--data-impl {ns.data_impl} is deprecated and ignored: datasets are always memory-mapped")
+    if ns.use_mcore_models:
+        notes.append("--use-mcore-models is deprecated and ignored: megagpt has one GPT model")
+    if ns.transformer_impl is not None:
+        if ns.transformer_impl != "local":
+            raise SystemExit(f"--transformer-impl {ns.transformer_impl} is not supported: megagpt runs its own "
+                             f"layers (Megatron's 'local'); drop the flag or pass --transformer-impl local")
+        notes.append("--transformer-impl local is the only implementation megagpt has: the flag is ignored")
+    return notes
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
@@ -56,6 +91,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     config = Config()
     if ns.recompute_activations:
         config.model.recompute_granularity = "selective"
+    for note in _apply_deprecated(ns, config):
+        if os.environ.get("RANK", "0") == "0":      # once per job, not once per rank
+            print(f"megagpt: {note}", flush=True)
     if ns.model_size:
         for key, value in PRESETS[ns.model_size].items():
             setattr(config.model, key, value)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-DECAY_STYLES = ("cosine", "linear", "constant")
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
 def arg(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -41,6 +41,10 @@ class ModelConfig:
     init_method_std: float = arg(0.02, "std of normal weight init (output projections scaled by 1/sqrt(2L))")
     layernorm_epsilon: float = arg(1e-5, "LayerNorm epsilon")
     attention_softmax_in_fp32: bool = arg(True, "compute the attention softmax in fp32 under bf16/fp16")
+    attention_backend: str = arg("auto", "attention core: flash (torch scaled_dot_product_attention: flash / memory-"
+                                 "efficient kernels on GPU), fused (our fused softmax kernel; = Megatron's local), "
+                                 "unfused (plain softmax), auto (flash)",
+                                 choices=["auto", "flash", "fused", "unfused", "local"])
     masked_softmax_fusion: bool = arg(True, "use the fused CUDA softmax when available",
                                       flag="--no-masked-softmax-fusion")
     recompute_granularity: Optional[str] = arg(None, "activation recompute: 'selective' (attention core) or 'full'",
@@ -49,6 +53,12 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def attention_core(self) -> str:
+        """The attention core that runs: "flash" (for auto and flash), "fused" (also Megatron's local: its own
+        dot-product attention with the fused softmax) or "unfused"."""
+        return {"auto": "flash", "local": "fused"}.get(self.attention_backend, self.attention_backend)
 
     @property
     def max_positions(self) -> int:
@@ -77,13 +87,31 @@ class ParallelConfig:
 @dataclass
 class OptimConfig:
     lr: float = arg(6e-4, "peak learning rate")
-    min_lr: float = arg(6e-5, "learning rate at the end of decay")
+    min_lr: float = arg(0.0, "learning rate at the end of decay")
     lr_warmup_iters: int = arg(0, "linear warmup iterations")
+    lr_warmup_samples: int = arg(0, "linear warmup samples (sample-based training)")
+    lr_warmup_fraction: Optional[float] = arg(None, "warmup as a fraction of the decay length")
+    lr_warmup_init: float = arg(0.0, "learning rate at the start of warmup")
     lr_decay_iters: Optional[int] = arg(None, "decay iterations (default train_iters)")
-    lr_decay_style: str = arg("cosine", "learning-rate decay", choices=["cosine", "linear", "constant"])
-    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to biases and LayerNorm)")
+    lr_decay_samples: Optional[int] = arg(None, "decay samples (default train_samples)")
+    lr_decay_style: str = arg("linear", "learning-rate decay", choices=list(DECAY_STYLES))
+    lr_wsd_decay_style: str = arg("exponential", "WSD: shape of the final decay",
+                                  choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    lr_wsd_decay_iters: Optional[int] = arg(None, "WSD: iterations of the final decay")
+    lr_wsd_decay_samples: Optional[int] = arg(None, "WSD: samples of the final decay")
+    override_opt_param_scheduler: bool = arg(False, "on resume, take the schedule from the flags, not the checkpoint",
+                                             flag="--override-opt_param-scheduler",
+                                             aliases=["--override-opt-param-scheduler"])
+    use_checkpoint_opt_param_scheduler: bool = arg(False, "on resume, take the schedule from the checkpoint",
+                                                   flag="--use-checkpoint-opt_param-scheduler",
+                                                   aliases=["--use-checkpoint-opt-param-scheduler"])
+    weight_decay: float = arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
+    start_weight_decay: Optional[float] = arg(None, "weight decay at the start (--weight-decay-incr-style not constant)")
+    end_weight_decay: Optional[float] = arg(None, "weight decay at the end (--weight-decay-incr-style not constant)")
+    weight_decay_incr_style: str = arg("constant", "weight-decay change over training",
+                                       choices=["constant", "linear", "cosine"])
     adam_beta1: float = arg(0.9, "Adam beta1")
-    adam_beta2: float = arg(0.95, "Adam beta2")
+    adam_beta2: float = arg(0.999, "Adam beta2")
     adam_eps: float = arg(1e-8, "Adam epsilon")
     optimizer: str = arg("adam", "adam (AdamW, decoupled weight decay) or sgd", choices=["adam", "sgd"])
     sgd_momentum: float = arg(0.9, "SGD momentum")
@@ -101,11 +129,15 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = arg(4, "samples per micro-batch per DP rank")
-    global_batch_size: int = arg(32, "samples per optimizer step over all DP ranks")
-    train_iters: int = arg(100, "optimizer steps")
+    global_batch_size: Optional[int] = arg(None, "samples per optimizer step over all DP ranks "
+                                                 "(default micro-batch-size x DP)")
+    rampup_batch_size: Optional[list] = arg(None, "START INCREMENT SAMPLES: grow the global batch from START by "
+                                            "INCREMENT over SAMPLES samples", nargs=3, type=int)
+    train_iters: Optional[int] = arg(None, "optimizer steps (or give --train-samples)")
+    train_samples: Optional[int] = arg(None, "samples to train on (sample-based training)")
     eval_interval: int = arg(1000, "evaluate on the validation split every N iterations")
-    eval_iters: int = arg(10, "validation micro-batch rounds per evaluation")
-    log_interval: int = arg(10, "print the log line every N iterations")
+    eval_iters: int = arg(100, "validation micro-batch rounds per evaluation")
+    log_interval: int = arg(100, "print the log line every N iterations")
     seed: int = arg(1234, "seed for weights, data order and dropout")
     save: Optional[str] = arg(None, "checkpoint directory to write")
     save_interval: Optional[int] = arg(None, "checkpoint every N iterations")
@@ -190,22 +222,24 @@ def layout_problems(tp: int, pp: int, *, world_size: Optional[int] = None, num_a
     return problems
 
 
-def schedule_problems(max_lr: float, min_lr: float, warmup_iters: int, decay_iters: Optional[int],
+def schedule_problems(max_lr: float, min_lr: float, warmup_steps: float, decay_steps: Optional[float],
                       decay_style: str) -> list[str]:
-    """What makes a learning-rate schedule invalid, in terms of the training flags (empty when it is valid)."""
+    """What makes a learning-rate schedule invalid (empty when it is valid); lengths in samples, as
+    `schedule_steps` resolves them from --lr-warmup-*/--lr-decay-* and --train-iters/--train-samples."""
     problems = []
     if decay_style not in DECAY_STYLES:
         problems.append(f"--lr-decay-style must be one of {DECAY_STYLES}, got {decay_style!r}")
     if not 0.0 <= min_lr <= max_lr:
         problems.append(f"need 0 <= --min-lr ({min_lr}) <= --lr ({max_lr})")
-    if warmup_iters < 0:
-        problems.append(f"--lr-warmup-iters must be >= 0, got {warmup_iters}")
+    if warmup_steps < 0:
+        problems.append(f"the warmup must not be negative, got {warmup_steps} samples")
     if decay_style != "constant":
-        if decay_iters is None:
-            problems.append(f"--lr-decay-style {decay_style} needs decay iterations (--lr-decay-iters or --train-iters)")
-        elif decay_iters <= warmup_iters:
-            problems.append(f"decay iterations ({decay_iters}, --lr-decay-iters or --train-iters) must exceed "
-                            f"--lr-warmup-iters ({warmup_iters})")
+        if decay_steps is None:
+            problems.append(f"--lr-decay-style {decay_style} needs a decay length (--lr-decay-iters/--train-iters "
+                            f"or --lr-decay-samples/--train-samples)")
+        elif decay_steps <= warmup_steps:
+            problems.append(f"the decay ({decay_steps:g} samples: --lr-decay-iters or --train-iters x global batch, "
+                            f"or --lr-decay-samples) must outlast the warmup ({warmup_steps:g} samples)")
     return problems
 
 
@@ -221,18 +255,165 @@ def optimizer_problems(o: OptimConfig) -> list[str]:
     return problems
 
 
-def num_microbatches(config: Config, dp_size: int) -> int:
+# --------------------------------------------------------------------------- batch size and run length
+
+def final_global_batch_size(config: Config, dp_size: int) -> int:
+    """--global-batch-size, or Megatron's default micro-batch-size x DP (one micro-batch per step)."""
     t = config.train
-    return t.global_batch_size // (t.micro_batch_size * dp_size)
+    return t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp_size
+
+
+def global_batch_size_at(config: Config, dp_size: int, consumed_samples: int) -> int:
+    """The global batch size of the step that starts after `consumed_samples` (Megatron's ramp-up: from START,
+    +INCREMENT every SAMPLES / ((final - START) / INCREMENT) samples, the final size once SAMPLES are passed)."""
+    final = final_global_batch_size(config, dp_size)
+    if not config.train.rampup_batch_size:
+        return final
+    start, increment, ramp_samples = config.train.rampup_batch_size
+    if consumed_samples > ramp_samples or final == start:
+        return final
+    per_increment = ramp_samples / ((final - start) // increment)
+    return start + int(consumed_samples / per_increment) * increment
+
+
+def num_microbatches(config: Config, dp_size: int, consumed_samples: Optional[int] = None) -> int:
+    """Micro-batches per DP rank of a step (of the final global batch size when `consumed_samples` is None)."""
+    size = final_global_batch_size(config, dp_size) if consumed_samples is None else \
+        global_batch_size_at(config, dp_size, consumed_samples)
+    return size // (config.train.micro_batch_size * dp_size)
+
+
+def train_iters(config: Config, dp_size: int) -> int:
+    """--train-iters, or the iterations --train-samples take (with ramp-up: walked step by step, as Megatron does;
+    a last partial batch is dropped)."""
+    t = config.train
+    if t.train_iters is not None:
+        return t.train_iters
+    iterations = consumed = 0
+    ramp_end = t.rampup_batch_size[2] if t.rampup_batch_size else -1
+    while consumed <= ramp_end and consumed <= t.train_samples:
+        consumed += global_batch_size_at(config, dp_size, consumed)
+        iterations += 1
+    return iterations + max(t.train_samples - consumed, 0) // final_global_batch_size(config, dp_size)
+
+
+def train_samples(config: Config, dp_size: int) -> int:
+    """Samples the run consumes: its steps' global batch sizes added up."""
+    consumed = 0
+    for _ in range(train_iters(config, dp_size)):
+        consumed += global_batch_size_at(config, dp_size, consumed)
+    return consumed
+
+
+def schedule_steps(config: Config, dp_size: int) -> dict:
+    """Warmup, decay, WSD-decay and weight-decay-increment lengths in samples (Megatron's
+    get_optimizer_param_scheduler: iteration flags are multiplied by the final global batch size)."""
+    o, t = config.optim, config.train
+    gbs = final_global_batch_size(config, dp_size)
+    if t.train_samples is None:
+        decay = (o.lr_decay_iters or t.train_iters) * gbs
+        warmup = o.lr_warmup_iters * gbs
+        wsd = o.lr_wsd_decay_iters * gbs if o.lr_wsd_decay_iters is not None else None
+        wd_incr = t.train_iters * gbs
+    else:
+        decay, warmup, wsd, wd_incr = (o.lr_decay_samples or t.train_samples, o.lr_warmup_samples,
+                                       o.lr_wsd_decay_samples, t.train_samples)
+    if o.lr_warmup_fraction is not None:
+        warmup = o.lr_warmup_fraction * decay
+    return {"warmup": warmup, "decay": decay, "wsd_decay": wsd, "wd_incr": wd_incr}
+
+
+def run_length_problems(config: Config, dp_size: int) -> list[str]:
+    """Iteration- and sample-based flags mixed, ramp-ups that cannot be split into micro-batches, and the like."""
+    t, o = config.train, config.optim
+    problems = []
+    if (t.train_iters is None) == (t.train_samples is None):
+        return ["give exactly one of --train-iters and --train-samples"]
+    if t.train_iters is not None:
+        mixed = [f for f, v in (("--lr-decay-samples", o.lr_decay_samples), ("--lr-warmup-samples", o.lr_warmup_samples),
+                                ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples)) if v]
+        if t.rampup_batch_size:
+            mixed.append("--rampup-batch-size (Megatron ramps only sample-based runs)")
+        problems += [f"{flag} needs --train-samples, not --train-iters" for flag in mixed]
+    else:
+        problems += [f"{flag} needs --train-iters, not --train-samples" for flag, v in
+                     (("--lr-decay-iters", o.lr_decay_iters), ("--lr-warmup-iters", o.lr_warmup_iters),
+                      ("--lr-wsd-decay-iters", o.lr_wsd_decay_iters)) if v]
+    if o.lr_warmup_fraction is not None and (o.lr_warmup_iters or o.lr_warmup_samples):
+        problems.append("give only one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None and o.lr_wsd_decay_samples is None:
+        problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters or --lr-wsd-decay-samples")
+    incr = o.weight_decay_incr_style != "constant"
+    if incr != (o.start_weight_decay is not None and o.end_weight_decay is not None):
+        problems.append("--start-weight-decay and --end-weight-decay go together with a non-constant "
+                        "--weight-decay-incr-style" if incr else
+                        "--start/--end-weight-decay need --weight-decay-incr-style linear or cosine")
+    return problems + _rampup_problems(config, dp_size)
+
+
+def _rampup_problems(config: Config, dp_size: int) -> list[str]:
+    if not config.train.rampup_batch_size:
+        return []
+    start, increment, samples = config.train.rampup_batch_size
+    final, step = final_global_batch_size(config, dp_size), config.train.micro_batch_size * dp_size
+    if start < 1 or increment < 1 or samples < 0 or final < start or (final - start) % increment:
+        return [f"--rampup-batch-size {start} {increment} {samples}: need START >= 1, INCREMENT >= 1, SAMPLES >= 0 "
+                f"and global-batch-size {final} - START a multiple of INCREMENT"]
+    bad = [size for size in range(start, final + 1, increment) if size % step]
+    if bad:
+        return [f"--rampup-batch-size {start} {increment} {samples}: global batch sizes {bad[:4]} of the ramp are not "
+                f"multiples of micro-batch-size {config.train.micro_batch_size} x data-parallel size {dp_size}"]
+    return []
 
 
 def num_model_chunks(config: Config) -> int:
     """Model chunks per pipeline rank: 1, or layers / (PP x layers per virtual stage) for interleaving."""
     p = config.parallel
+    if v_shaped(p.pipeline_schedule):
+        return 2
     if not p.num_layers_per_virtual_pipeline_stage:
         return 1
     return max(config.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage),
                1)
+
+
+# ------------------------------------------------------------------------------------------ pipeline schedule
+
+def resolved_pipeline_schedule(config: Config) -> str:
+    """The schedule a run uses: --pipeline-schedule, else interleaved with virtual stages, else 1f1b."""
+    p = config.parallel
+    if p.pipeline_schedule is not None:
+        return p.pipeline_schedule
+    return "interleaved" if p.num_layers_per_virtual_pipeline_stage else "1f1b"
+
+
+def v_shaped(schedule: Optional[str]) -> bool:
+    """ZB-V places a rank's two chunks in a V (chunk 0 on virtual stage pp_rank, chunk 1 on 2 PP - 1 - pp_rank);
+    every other schedule interleaves (chunk c on virtual stage c PP + pp_rank)."""
+    return schedule == "zb-v"
+
+
+def pipeline_schedule_problems(config: Config) -> list[str]:
+    """What --pipeline-schedule cannot run with (the virtual-stage rules of interleaving are layout_problems')."""
+    p, m = config.parallel, config.model
+    schedule, pp, vl = p.pipeline_schedule, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+    if schedule is None:
+        return []
+    if schedule == "interleaved" and vl is None:
+        return ["--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage"]
+    if schedule in ("1f1b", "zb-h1") and vl is not None:
+        return [f"--pipeline-schedule {schedule} runs one model chunk per rank: drop "
+                f"--num-layers-per-virtual-pipeline-stage ({vl}) or use interleaved"]
+    if schedule == "zb-v":
+        if vl is not None:
+            return [f"--pipeline-schedule zb-v places two chunks per rank itself: drop "
+                    f"--num-layers-per-virtual-pipeline-stage ({vl})"]
+        if pp < 2:
+            return [f"--pipeline-schedule zb-v needs pipeline-model-parallel-size >= 2, got {pp}"]
+        if m.num_layers % (2 * pp) != 0:
+            return [f"--pipeline-schedule zb-v needs num-layers {m.num_layers} divisible by 2 x "
+                    f"pipeline-model-parallel-size {pp} = {2 * pp} (two chunks per rank)"]
+    return []
 
 
 def validate(config: Config, world_size: int) -> None:
@@ -240,7 +421,7 @@ def validate(config: Config, world_size: int) -> None:
     m, p, t, o, d = config.model, config.parallel, config.train, config.optim, config.data
     tp, pp, vl = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
     dp = max(world_size // max(tp * pp, 1), 1)
-    batch_ok = t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0
+    batch_ok = t.micro_batch_size >= 1 and final_global_batch_size(config, dp) % (t.micro_batch_size * dp) == 0
     problems = layout_problems(tp, pp, world_size=world_size, num_attention_heads=m.num_attention_heads,
                                num_layers=m.num_layers, ffn_size=m.ffn_size)
     if vl is not None:
@@ -252,6 +433,7 @@ def validate(config: Config, world_size: int) -> None:
         else:
             problems += layout_problems(tp, pp, virtual_chunks=num_model_chunks(config),
                                         num_microbatches=num_microbatches(config, dp) if batch_ok else None)
+    problems += pipeline_schedule_problems(config)
     if m.hidden_size % m.num_attention_heads != 0:
         problems.append(f"hidden-size {m.hidden_size} is not divisible by num-attention-heads {m.num_attention_heads}")
     if m.seq_length > m.max_positions:
@@ -260,7 +442,7 @@ def validate(config: Config, world_size: int) -> None:
         problems.append(f"seq-length {m.seq_length} is not divisible by tensor-model-parallel-size {tp} "
                         "(needed by --sequence-parallel)")
     if not batch_ok:
-        problems.append(f"global-batch-size {t.global_batch_size} is not divisible by micro-batch-size "
+        problems.append(f"global-batch-size {final_global_batch_size(config, dp)} is not divisible by micro-batch-size "
                         f"{t.micro_batch_size} x data-parallel size {dp}")
     if p.deepspeed:
         if pp != 1:
@@ -269,11 +451,17 @@ def validate(config: Config, world_size: int) -> None:
         if p.use_distributed_optimizer:
             problems.append("--deepspeed and --use-distributed-optimizer both shard the optimizer: the ZeRO stage "
                             "comes from the DeepSpeed config")
+        if t.rampup_batch_size:
+            problems.append("--deepspeed fixes its gradient accumulation steps at start-up: --rampup-batch-size "
+                            "runs on the native path only")
         if p.sequence_parallel:
             problems.append("--deepspeed does not run --sequence-parallel: its LayerNorm grads need the TP all-reduce "
                             "of megagpt's native optimizer path")
-    problems += schedule_problems(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
-                                  o.lr_decay_style)
+    length = run_length_problems(config, dp) if batch_ok else []
+    problems += length
+    if batch_ok and not length:
+        steps = schedule_steps(config, dp)
+        problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
     if not d.mock_data and not d.data_path:
         problems.append("no --data-path given (or pass --mock-data)")

@@ -9,10 +9,10 @@ from typing import Optional
 from megagpt.config import Config
 
 
-def model_flops_per_iteration(config: Config, padded_vocab: int) -> float:
+def model_flops_per_iteration(config: Config, padded_vocab: int, global_batch_size: int) -> float:
     """Model FLOPs of one iteration (forward + backward, no recompute): 72 B s L h^2 (1 + s/6h + V/12Lh)."""
     m = config.model
-    B, s, L, h = config.train.global_batch_size, m.seq_length, m.num_layers, m.hidden_size
+    B, s, L, h = global_batch_size, m.seq_length, m.num_layers, m.hidden_size
     return 72.0 * B * s * L * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (12.0 * L * h))
 
 

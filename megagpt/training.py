@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from megagpt.checkpoint.format import checkpoint_format_problem
 from megagpt.checkpoint.sharded import set_rng_state
-from megagpt.config import (Config, ConfigError, data_prefixes, num_microbatches, num_model_chunks, raise_if,
-                            validate)
+from megagpt.config import (Config, ConfigError, data_prefixes, final_global_batch_size, global_batch_size_at,
+                            num_microbatches, num_model_chunks, raise_if, train_iters, train_samples, validate)
 from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
@@ -41,6 +41,7 @@ class TrainResult:
 
     losses: list[float] = field(default_factory=list)
     grad_norms: list[Optional[float]] = field(default_factory=list)
+    global_batch_sizes: list[int] = field(default_factory=list)
     validation_losses: list[float] = field(default_factory=list)
     consumed_samples: int = 0
     skipped_iterations: int = 0
@@ -102,10 +103,12 @@ class MicroBatches:
         return batches
 
 
-def build_datasets(config: Config, launch: LaunchEnv):
+def build_datasets(config: Config, launch: LaunchEnv, dp_size: int):
+    """Train, validation and test datasets sized for the whole run (train: every step's global batch added up)."""
     t, m, d = config.train, config.model, config.data
-    eval_rounds = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
-    samples = (t.train_iters * t.global_batch_size, eval_rounds * t.global_batch_size, t.eval_iters * t.global_batch_size)
+    iters, gbs = train_iters(config, dp_size), final_global_batch_size(config, dp_size)
+    eval_rounds = (iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
+    samples = (train_samples(config, dp_size), eval_rounds * gbs, t.eval_iters * gbs)
     if d.mock_data:
         return tuple(MockGPTDataset(n, m.seq_length, m.vocab_size, config.train.seed + i) if n else None
                      for i, n in enumerate(samples))
@@ -127,7 +130,7 @@ class Trainer:
         self.consumed_samples = 0
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.train_data = self.valid_data = None
-        self.datasets = build_datasets(config, launch)
+        self.datasets = build_datasets(config, launch, ps.dp_size)
 
     def save(self, directory: str, iteration: int) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it)."""
@@ -153,8 +156,13 @@ class Trainer:
         self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
         self.valid_data = make(valid, 0) if valid is not None else None
 
-    def _next_batches(self, data: Optional[MicroBatches]) -> list[MicroBatch]:
-        return data.next_step(self.num_microbatches) if data is not None else []
+    def _next_batches(self, data: Optional[MicroBatches], count: int) -> list[MicroBatch]:
+        return data.next_step(count) if data is not None else []
+
+    @property
+    def global_batch_size(self) -> int:
+        """The global batch size of the next step (it grows with consumed samples under --rampup-batch-size)."""
+        return global_batch_size_at(self.config, self.ps.dp_size, self.consumed_samples)
 
     def _mean_over_dp(self, loss: float) -> float:
         """Mean over DP ranks of this rank's loss (each already a mean over its micro-batches)."""
@@ -165,15 +173,18 @@ class Trainer:
     def train_step(self) -> tuple[float, bool, Optional[float]]:
         for model in self.chunks:
             model.train()
-        loss, ok, grad_norm = self.engine.train_step(self._next_batches(self.train_data))
-        self.consumed_samples += self.config.train.global_batch_size
+        gbs = self.global_batch_size
+        count = gbs // (self.config.train.micro_batch_size * self.ps.dp_size)
+        loss, ok, grad_norm = self.engine.train_step(self._next_batches(self.train_data, count), count, gbs)
+        self.consumed_samples += gbs
         return self._mean_over_dp(loss), ok, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         for model in self.chunks:
             model.eval()
-        losses = [self._mean_over_dp(self.engine.eval_step(self._next_batches(self.valid_data)))
+        count = self.num_microbatches    # evaluation always uses the final global batch size
+        losses = [self._mean_over_dp(self.engine.eval_step(self._next_batches(self.valid_data, count), count))
                   for _ in range(self.config.train.eval_iters)]
         return float(np.mean(losses))
 
@@ -214,7 +225,8 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
         torch.set_num_threads(config.train.num_threads)
     launch, device = init_distributed(config.parallel.distributed_backend)
     p = config.parallel
-    ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config))
+    ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config),
+                       p.pipeline_schedule)
     comm.all_reduce(torch.zeros(1, device=device), ps.pp_group)  # NCCL: every rank joins a group before its p2p
     trainer = Trainer(config, ps, device, launch)
     rng_state = trainer.load(config.train.load) if config.train.load else None
@@ -238,31 +250,34 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
     t = config.train
     is_logger = log and ps.rank == ps.world_size - 1  # the last rank holds the loss (Megatron prints there)
     board = TensorBoardLog(t.tensorboard_dir if is_logger else None)
-    flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab)
+    total_iters = train_iters(config, ps.dp_size)
     result = TrainResult()
-    window_start, window_losses, window_iters = time.perf_counter(), [], 0
+    window_start, window_losses, window_iters, window_samples = time.perf_counter(), [], 0, 0
     last_saved = trainer.start_iteration
-    for iteration in range(trainer.start_iteration + 1, t.train_iters + 1):
+    for iteration in range(trainer.start_iteration + 1, total_iters + 1):
+        gbs = trainer.global_batch_size
         loss, ok, grad_norm = trainer.train_step()
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
+        result.global_batch_sizes.append(gbs)
         result.skipped_iterations += 0 if ok else 1
         window_losses.append(loss)
-        window_iters += 1
-        if iteration % t.log_interval == 0 or iteration == t.train_iters:
+        window_iters, window_samples = window_iters + 1, window_samples + gbs
+        if iteration % t.log_interval == 0 or iteration == total_iters:
             elapsed = (time.perf_counter() - window_start) / window_iters
+            flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab, window_samples / window_iters)
             stats = IterationStats(
-                iteration=iteration, train_iters=t.train_iters, consumed_samples=trainer.consumed_samples,
+                iteration=iteration, train_iters=total_iters, consumed_samples=trainer.consumed_samples,
                 elapsed_ms=elapsed * 1000.0, tflops_per_gpu=flops / elapsed / ps.world_size / 1e12,
-                tokens_per_second=t.global_batch_size * config.model.seq_length / elapsed,
-                learning_rate=trainer.engine.learning_rate, global_batch_size=t.global_batch_size,
+                tokens_per_second=window_samples / window_iters * config.model.seq_length / elapsed,
+                learning_rate=trainer.engine.learning_rate, global_batch_size=gbs,
                 lm_loss=float(np.mean(window_losses)), loss_scale=trainer.engine.loss_scale,
                 grad_norm=grad_norm, skipped_iterations=result.skipped_iterations,
                 nan_iterations=sum(1 for x in window_losses if not np.isfinite(x)))
             if is_logger:
                 print(format_log_line(stats), flush=True)
             board.iteration(stats)
-            window_start, window_losses, window_iters = time.perf_counter(), [], 0
+            window_start, window_losses, window_iters, window_samples = time.perf_counter(), [], 0, 0
         paused_at = time.perf_counter()  # reports, evaluation and saving are left out of the per-iteration time
         if log and iteration == trainer.start_iteration + 1:
             print_memory(trainer, ps, iteration)
@@ -276,8 +291,8 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
             trainer.save(t.save, iteration)
             last_saved = iteration
         window_start += time.perf_counter() - paused_at
-    if t.save and last_saved < t.train_iters:
-        trainer.save(t.save, t.train_iters)
+    if t.save and last_saved < total_iters:
+        trainer.save(t.save, total_iters)
     result.consumed_samples = trainer.consumed_samples
     board.close()
     return result

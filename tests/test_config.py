@@ -2,14 +2,16 @@
 import pytest
 
 from megagpt.cli import PRESETS, parse_args
-from megagpt.config import Config, ConfigError, ModelConfig, num_parameters, raise_if, validate
+from megagpt.config import (Config, ConfigError, ModelConfig, final_global_batch_size, global_batch_size_at,
+                            num_microbatches, num_parameters, raise_if, train_iters, validate)
 from megagpt.training import environment_problems
 from megagpt.parallel.layers import pad_vocab_size
 
 
 def _valid(**model) -> Config:
     config = parse_args(["--mock-data", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
-                         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8"])
+                         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+                         "--train-iters", "100"])
     for k, v in model.items():
         setattr(config.model, k, v)
     return config
@@ -119,5 +121,82 @@ def test_bad_learning_rate_schedule_is_a_config_error():
     c.optim.min_lr = c.optim.lr * 2
     with pytest.raises(ConfigError) as e:
         validate(c, world_size=1)
-    assert "decay iterations (40, --lr-decay-iters or --train-iters) must exceed --lr-warmup-iters (50)" in str(e.value)
+    assert "the decay (320 samples: --lr-decay-iters or --train-iters x global batch, or --lr-decay-samples) must " \
+           "outlast the warmup (400 samples)" in str(e.value)
     assert "--min-lr" in str(e.value)
+
+
+# ---- Megatron-LM defaults, batch-size ramp-up, run length, deprecated forms ----------------------------------
+
+def test_defaults_are_megatron_lms():
+    """Flags a Megatron script may leave out train the same here (values from Megatron-LM's argument defaults)."""
+    c = parse_args([])
+    megatron = {"min_lr": 0.0, "lr_decay_style": "linear", "weight_decay": 0.01, "adam_beta1": 0.9,
+                "adam_beta2": 0.999, "adam_eps": 1e-8, "lr_warmup_iters": 0, "lr_warmup_init": 0.0,
+                "lr_wsd_decay_style": "exponential", "weight_decay_incr_style": "constant", "clip_grad": 1.0,
+                "initial_loss_scale": 2.0 ** 32, "min_loss_scale": 1.0, "loss_scale_window": 1000, "hysteresis": 2}
+    assert {k: getattr(c.optim, k) for k in megatron} == megatron
+    assert (c.train.global_batch_size, c.train.train_iters, c.train.eval_iters, c.train.log_interval,
+            c.train.eval_interval, c.train.seed) == (None, None, 100, 100, 1000, 1234)
+    assert (c.model.hidden_dropout, c.model.attention_dropout, c.model.init_method_std,
+            c.model.make_vocab_size_divisible_by, c.model.attention_backend) == (0.1, 0.1, 0.02, 128, "auto")
+
+
+def test_global_batch_defaults_to_micro_batch_times_dp():
+    c = _valid()
+    c.train.global_batch_size = None
+    validate(c, world_size=4)
+    assert final_global_batch_size(c, 4) == 8 and num_microbatches(c, 4) == 1
+
+
+def test_rampup_follows_megatrons_schedule():
+    # Megatron's example: start 16, +8 over 300000 samples to 1024: 126 increments of 300000/126 samples each
+    c = parse_args(["--mock-data", "--global-batch-size", "1024", "--micro-batch-size", "8",
+                    "--rampup-batch-size", "16", "8", "300000", "--train-samples", "1000000"])
+    per = 300000 / 126
+    assert global_batch_size_at(c, 1, 0) == 16
+    assert global_batch_size_at(c, 1, int(per) - 1) == 16 and global_batch_size_at(c, 1, int(per) + 1) == 24
+    assert global_batch_size_at(c, 1, int(10 * per) + 1) == 16 + 80
+    assert global_batch_size_at(c, 1, 300000) == 16 + 8 * int(300000 / per)
+    assert global_batch_size_at(c, 1, 300001) == 1024
+    assert num_microbatches(c, 2, 0) == 1 and num_microbatches(c, 2, 300001) == 64
+    # iterations walk the ramp, then the rest at 1024 (a last partial batch dropped)
+    consumed, iters = 0, 0
+    while consumed <= 300000:
+        consumed, iters = consumed + global_batch_size_at(c, 1, consumed), iters + 1
+    assert train_iters(c, 1) == iters + (1000000 - consumed) // 1024
+    validate(c, world_size=1)
+
+
+def test_run_length_problems_name_the_flags():
+    c = _valid()
+    c.train.rampup_batch_size = [4, 4, 100]          # iteration-based: Megatron ramps only sample-based runs
+    c.optim.lr_decay_samples = 10
+    with pytest.raises(ConfigError) as e:
+        validate(c, world_size=2)
+    assert "--lr-decay-samples needs --train-samples" in str(e.value) and "--rampup-batch-size" in str(e.value)
+    c = _valid()
+    c.train.train_iters, c.train.train_samples, c.train.rampup_batch_size = None, 1000, [2, 2, 100]
+    with pytest.raises(ConfigError, match=r"global batch sizes \[2, 6\] of the ramp are not multiples of "
+                                          r"micro-batch-size 2 x data-parallel size 2"):
+        validate(c, world_size=2)
+    c.train.train_iters = 5
+    with pytest.raises(ConfigError, match="give exactly one of --train-iters and --train-samples"):
+        validate(c, world_size=2)
+    c = _valid()
+    c.optim.lr_decay_style = "WSD"
+    c.optim.weight_decay_incr_style = "linear"
+    with pytest.raises(ConfigError) as e:
+        validate(c, world_size=2)
+    assert "WSD needs --lr-wsd-decay-iters" in str(e.value) and "--start-weight-decay" in str(e.value)
+
+
+def test_deprecated_forms_are_accepted_with_a_note(capsys):
+    c = parse_args(["--checkpoint-activations", "--data-impl", "mmap", "--use-mcore-models", "--transformer-impl",
+                    "local", "--override-opt-param-scheduler"])
+    assert c.model.recompute_granularity == "full" and c.optim.override_opt_param_scheduler
+    out = capsys.readouterr().out
+    assert out.count("deprecated") == 3 and "--transformer-impl local" in out
+    for bad in (["--data-impl", "lazy"], ["--transformer-impl", "transformer_engine"]):
+        with pytest.raises(SystemExit, match="not supported"):
+            parse_args(bad)

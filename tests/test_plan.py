@@ -51,10 +51,11 @@ def test_preset_parameter_counts_match_the_instantiated_model():
 
 @pytest.mark.parametrize("tp", [1, 2, 8])
 def test_layer_activations_are_korthikanti_table_2(tp):
-    """fp16 on CUDA, dropout on, no fp32 softmax: s b h (10 + 24/t + 5 a s / (h t)) bytes, plus LayerNorm stats;
-    selective recompute drops the 5as/h term; full keeps 2 s b h."""
+    """fp16 on CUDA, dropout on, no fp32 softmax, the softmax attention path the paper models: s b h (10 + 24/t +
+    5 a s / (h t)) bytes, plus LayerNorm stats; selective recompute drops the 5as/h term; full keeps 2 s b h.
+    The flash path keeps no s x s tensor: only an fp32 log-sum-exp (4 a s b / t) beyond the context."""
     base = ["--model-size", "gpt-1.3b", "--seq-length", "2048", "--micro-batch-size", "2", "--fp16",
-            "--tensor-model-parallel-size", str(tp)]
+            "--tensor-model-parallel-size", str(tp), "--attention-backend", "unfused"]
     config = parse_args(base)
     config.model.attention_softmax_in_fp32 = False
     d = dims(config, tp, "cuda")
@@ -67,6 +68,9 @@ def test_layer_activations_are_korthikanti_table_2(tp):
     assert sum(layer_activation_terms(config, d).values()) - stats == s * b * h * (10 + 24 / tp)
     config.model.recompute_granularity = "full"
     assert sum(layer_activation_terms(config, d).values()) == 2 * s * b * h
+    config.model.recompute_granularity, config.model.attention_backend = None, "flash"
+    assert sum(layer_activation_terms(config, d).values()) - stats == \
+        s * b * h * (10 + 24 / tp) + 4 * a * s * b / tp
 
 
 def test_micro_batches_in_flight_follow_the_schedule():

@@ -11,10 +11,11 @@ from megagpt.plan.memory import chunk_activation_bytes, dims, rank_chunks, state
 from megagpt.training import config_for_test
 
 
-def _config(tp=1, pp=1, vl=None, sp=False, zero=0, precision="fp32", recompute=None, dropout=0.0):
+def _config(tp=1, pp=1, vl=None, sp=False, zero=0, precision="fp32", recompute=None, dropout=0.0, backend="fused"):
     return config_for_test(
         num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, max_position_embeddings=32,
         vocab_size=500, hidden_dropout=dropout, attention_dropout=dropout, recompute_granularity=recompute,
+        attention_backend=backend,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=vl,
         sequence_parallel=sp, use_distributed_optimizer=zero > 0, zero_stage=max(zero, 1), ddp_bucket_size=20_000,
         micro_batch_size=2, global_batch_size=8, train_iters=1, eval_interval=0, eval_iters=0, log_interval=1,
@@ -51,7 +52,9 @@ def test_state_bytes_equal_the_trainers_memory_line():
             assert measured == predicted, f"{name} rank {rank}: measured {measured} != predicted {predicted}"
 
 
-# world 2: the contract matrix for activations (TP, SP, PP, recompute), dropout on so its masks count
+# world 2: the contract matrix for activations (TP, SP, PP, recompute), dropout on so its masks count. The softmax
+# path (fused; on CPU its torch fallback) everywhere, and the flash path (scaled_dot_product_attention) without
+# attention dropout: with it, CPU falls back to torch's math attention, which the GPU kernels do not.
 ACTIVATION_LAYOUTS = {
     "tp2": dict(tp=2),
     "tp2_sp": dict(tp=2, sp=True),
@@ -61,6 +64,8 @@ ACTIVATION_LAYOUTS = {
     "pp2_selective_bf16": dict(pp=2, recompute="selective", precision="bf16"),
     "pp2_interleaved_full": dict(pp=2, vl=1, recompute="full"),
     "tp2_sp_no_dropout_bf16": dict(tp=2, sp=True, precision="bf16", dropout=-1),
+    "tp2_flash": dict(tp=2, dropout=-1, backend="flash"),
+    "pp2_sp_flash_bf16": dict(pp=2, tp=1, sp=False, precision="bf16", dropout=-1, backend="flash"),
 }
 
 

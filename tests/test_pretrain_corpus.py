@@ -55,7 +55,8 @@ def test_cli_rejects_bad_layout_before_starting():
 
 def test_cli_rejects_missing_data(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_gpt.py"), "--data-path",
-                           str(tmp_path / "missing_text_document"), "--tokenizer-type", "ByteTokenizer"],
+                           str(tmp_path / "missing_text_document"), "--tokenizer-type", "ByteTokenizer",
+                           "--train-iters", "1"],
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_PORT="1"))
     assert proc.returncode == 2 and "missing_text_document.bin does not exist" in proc.stderr

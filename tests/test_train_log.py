@@ -28,4 +28,4 @@ def test_model_flops_formula():
     c.train.global_batch_size = 4
     B, s, L, h, V = 4, 16, 2, 64, 512
     expected = 72 * B * s * L * h * h * (1 + s / (6 * h) + V / (12 * L * h))
-    assert abs(model_flops_per_iteration(c, V) - expected) < 1e-6 * expected
+    assert abs(model_flops_per_iteration(c, V, B) - expected) < 1e-6 * expected

@@ -141,7 +141,8 @@ def _train_text(config):
     validation batches in every run): their spread is the batch noise the tolerances below are measured in."""
     trainer, ps = setup(config, log=False)
     result = train_loop(config, trainer, ps, log=False)       # its evaluation reads the first EVAL_ROUNDS rounds
-    rounds = [trainer._mean_over_dp(trainer.engine.eval_step(trainer._next_batches(trainer.valid_data)))
+    count = trainer.num_microbatches
+    rounds = [trainer._mean_over_dp(trainer.engine.eval_step(trainer._next_batches(trainer.valid_data, count), count))
               for _ in range(EVAL_ROUNDS)]
     return result.losses, rounds
 

@@ -17,11 +17,13 @@ class Engine(Protocol):
 
     chunks: list[nn.Module]
 
-    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
-        """Forward, backward and update on this step's micro-batches (empty on stages that read no data):
+    def train_step(self, batches: list[MicroBatch], num_microbatches: int,
+                   global_batch_size: int) -> tuple[float, bool, Optional[float]]:
+        """Forward, backward and update on this step's micro-batches (`batches` is empty on stages that read no
+        data; `num_microbatches` per DP rank, `global_batch_size` in all: both may ramp up between steps):
         (loss, whether the update was applied, global grad norm before clipping)."""
 
-    def eval_step(self, batches: list[MicroBatch]) -> float:
+    def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:
         """Forward-only loss of one round of micro-batches."""
 
     def save(self, directory: str, iteration: int, consumed_samples: int) -> None:

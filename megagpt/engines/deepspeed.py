@@ -47,11 +47,11 @@ import torch.nn as nn
 from megagpt.checkpoint.format import (DS_FORMAT, DS_TRACKER, METADATA_FILE, CheckpointError, check_compatible,
                                        ds_checkpoint_tag, ds_rng_file, layout_of)
 from megagpt.checkpoint.sharded import LoadedCheckpoint, get_rng_state
-from megagpt.config import Config, num_microbatches
+from megagpt.config import Config, final_global_batch_size, num_microbatches, schedule_steps
 from megagpt.engines.base import MicroBatch
 from megagpt.engines.native import run_schedule
 from megagpt.fileio import atomic_torch_save, atomic_write_text, fsync_tree
-from megagpt.optim.lr_schedule import LRScheduler
+from megagpt.optim.lr_schedule import build_scheduler
 from megagpt.optim.mixed_precision import build_torch_optimizer, uses_weight_decay
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.param_tags import is_tensor_parallel
@@ -59,7 +59,7 @@ from megagpt.parallel.state import ParallelState
 
 
 
-def deepspeed_config(config: Config, num_microbatches: int) -> dict:
+def deepspeed_config(config: Config, dp_size: int) -> dict:
     """The user's DeepSpeed JSON with batch, precision and clipping fields taken from megagpt's config."""
     ds: dict = {}
     if config.parallel.deepspeed_config:
@@ -68,7 +68,8 @@ def deepspeed_config(config: Config, num_microbatches: int) -> dict:
     ds.pop("optimizer", None)   # megagpt's AdamW (param groups) and LR schedule are used
     ds.pop("scheduler", None)
     ds.update(train_micro_batch_size_per_gpu=config.train.micro_batch_size,
-              gradient_accumulation_steps=num_microbatches, train_batch_size=config.train.global_batch_size,
+              gradient_accumulation_steps=num_microbatches(config, dp_size),
+              train_batch_size=final_global_batch_size(config, dp_size),
               gradient_clipping=config.optim.clip_grad,
               zero_force_ds_cpu_optimizer=False)   # offload keeps torch AdamW: see the module docstring
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": config.optim.bf16}
@@ -154,13 +155,13 @@ class DeepSpeedEngine:
         optimizer = build_torch_optimizer([p for p in model.parameters() if uses_weight_decay(p)],
                                           [p for p in model.parameters() if not uses_weight_decay(p)],
                                           o)
-        self.ds_config = deepspeed_config(config, num_microbatches(config, ps.dp_size))
+        self.ds_config = deepspeed_config(config, ps.dp_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, mpu=ParallelStateMPU(ps))
-        self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
-                                     o.lr_decay_iters or config.train.train_iters, o.lr_decay_style)
+        self.scheduler = build_scheduler(self.optimizer, o, schedule_steps(config, ps.dp_size))
 
-    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
+    def train_step(self, batches: list[MicroBatch], num_microbatches: int,
+                   global_batch_size: int) -> tuple[float, bool, Optional[float]]:
         """Mean micro-batch loss of this rank, whether the update was applied, and the grad norm."""
         self.engine.train()
         losses = []
@@ -170,13 +171,13 @@ class DeepSpeedEngine:
             self.engine.step()                                                 # steps at the boundary only
             losses.append(loss.detach())
         if self.engine.was_step_applied():
-            self.scheduler.step()
+            self.scheduler.step(increment=global_batch_size)
         norm = self.engine.get_global_grad_norm()
         return float(torch.stack(losses).mean()), bool(self.engine.was_step_applied()), \
             None if norm is None else float(norm)
 
-    def eval_step(self, batches: list[MicroBatch]) -> float:
-        return run_schedule(self.config, self.chunks, self.ps, batches, forward_only=True)
+    def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:
+        return run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=True)
 
     @property
     def loss_scale(self) -> float:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, save_checkpoint
-from megagpt.config import Config, num_microbatches
+from megagpt.config import Config
 from megagpt.engines.base import MicroBatch
 from megagpt.optim.builder import TrainingOptimizer
 from megagpt.parallel import random as tp_random
@@ -24,13 +24,12 @@ def params_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.optim.bf16 else torch.float16 if config.optim.fp16 else torch.float32
 
 
-def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, batches: list[MicroBatch],
+def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, batches: list[MicroBatch], count: int,
                  forward_only: bool, loss_scale: float = 1.0,
                  on_instruction: Optional[Callable[[Instr], None]] = None) -> float:
     """Run one round of micro-batches through this rank's pipeline schedule; returns the mean micro-batch loss
-    (broadcast from the last stage, so every stage returns it). Backward scales each loss by
-    loss_scale / micro-batches, so the grads are those of the mean."""
-    count = num_microbatches(config, ps.dp_size)
+    (broadcast from the last stage, so every stage returns it). Backward scales each of the `count` losses by
+    loss_scale / count, so the grads are those of the mean."""
     device = next(chunks[0].parameters()).device
 
     def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
@@ -64,15 +63,16 @@ class NativeEngine:
         self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
         self.optimizer = TrainingOptimizer(config, chunks, ps)
 
-    def train_step(self, batches: list[MicroBatch]) -> tuple[float, bool, Optional[float]]:
-        self.optimizer.zero_grad()
-        loss = run_schedule(self.config, self.chunks, self.ps, batches, forward_only=False,
+    def train_step(self, batches: list[MicroBatch], num_microbatches: int,
+                   global_batch_size: int) -> tuple[float, bool, Optional[float]]:
+        self.optimizer.zero_grad(num_microbatches)
+        loss = run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=False,
                             loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction)
-        ok, grad_norm = self.optimizer.step()
+        ok, grad_norm = self.optimizer.step(global_batch_size)
         return loss, ok, grad_norm
 
-    def eval_step(self, batches: list[MicroBatch]) -> float:
-        return run_schedule(self.config, self.chunks, self.ps, batches, forward_only=True)
+    def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:
+        return run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=True)
 
     def save(self, directory: str, iteration: int, consumed_samples: int) -> None:
         save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,

@@ -71,12 +71,16 @@ class ParallelAttention(nn.Module):
         self.linear_proj = RowParallelLinear(
             h, h, ps.tp_group, init_method=seeded_normal_init(seed, prefix + "linear_proj.weight", out_std),
             input_is_parallel=True, sequence_parallel=sequence_parallel, params_dtype=dtype, device=device)
+        self.flash = cfg.attention_core == "flash"
         self.softmax = FusedScaleMaskSoftmax("causal", scale=1.0 / math.sqrt(self.head_dim),
                                              softmax_in_fp32=cfg.attention_softmax_in_fp32,
-                                             masked_softmax_fusion=cfg.masked_softmax_fusion)
+                                             masked_softmax_fusion=cfg.masked_softmax_fusion
+                                             and cfg.attention_core == "fused")
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.flash:
+            return self.flash_attention(q, k, v)
         s, b, n, d = q.shape                                                # [s, b, np/tp, hd]
         q = q.permute(1, 2, 0, 3)                                           # [b, np/tp, s, hd]
         k = k.permute(1, 2, 3, 0)                                           # [b, np/tp, hd, s]
@@ -86,6 +90,16 @@ class ParallelAttention(nn.Module):
         with self.tracker.fork():  # heads differ per TP rank: per-rank dropout stream
             probs = self.attention_dropout(probs)
         context = torch.matmul(probs, v)                                    # [b, np/tp, s, hd]
+        return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
+
+    def flash_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, no [s, s] scores kept."""
+        s, b, n, d = q.shape                                                # [s, b, np/tp, hd]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))                # [b, np/tp, s, hd]
+        dropout = self.attention_dropout.p if self.training else 0.0
+        with self.tracker.fork():  # heads differ per TP rank: per-rank dropout stream
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     scale=self.softmax.scale)   # [b, np/tp, s, hd]
         return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from megagpt.config import Config, num_microbatches
+from megagpt.config import Config, schedule_steps
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
-from megagpt.optim.lr_schedule import LRScheduler
+from megagpt.optim.lr_schedule import build_scheduler
 from megagpt.optim.mixed_precision import MixedPrecisionOptimizer
 from megagpt.optim.zero import DistributedOptimizer
 from megagpt.parallel.state import ParallelState
@@ -22,7 +22,7 @@ class TrainingOptimizer:
     """Reducer + optimizer + scheduler for this rank's model chunks."""
 
     def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState) -> None:
-        p, o, t = config.parallel, config.optim, config.train
+        p, o = config.parallel, config.optim
         self.ps = ps
         named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
         self.params = [param for _, param in named]
@@ -32,24 +32,27 @@ class TrainingOptimizer:
         optimizer_cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
         self.optimizer = optimizer_cls(self.params, ps, o, reducer=self.reducer,
                                        param_names={param: name for name, param in named})
-        self.scheduler = LRScheduler(self.optimizer, o.lr, o.min_lr, o.lr_warmup_iters,
-                                     o.lr_decay_iters or t.train_iters, o.lr_decay_style)
-        self.num_microbatches = num_microbatches(config, ps.dp_size)
+        self.scheduler = build_scheduler(self.optimizer, o, schedule_steps(config, ps.dp_size))
+        self.num_microbatches = 0   # of the running step (the global batch may ramp up): set by zero_grad
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, num_microbatches: int) -> None:
+        """Start a step of `num_microbatches` micro-batches per DP rank."""
+        self.num_microbatches = num_microbatches
         self.optimizer.zero_grad()
 
     def on_instruction(self, instr: Instr) -> None:
-        """Overlapped reduction may start only during a chunk's last backward (Megatron's no_sync for the rest)."""
-        self.reducer.is_last_microbatch = instr.op == "backward" and instr.microbatch == self.num_microbatches - 1
+        """Overlapped reduction may start only during a chunk's last backward (Megatron's no_sync for the rest); a
+        split backward's W gives the linear weights their grads, so a bucket holding them is ready only after it."""
+        self.reducer.is_last_microbatch = instr.is_backward and instr.microbatch == self.num_microbatches - 1
 
-    def step(self) -> tuple[bool, Optional[float]]:
-        """Finish grads (SP and tied-embedding sums, DP reduction), update, advance the LR schedule."""
+    def step(self, global_batch_size: int) -> tuple[bool, Optional[float]]:
+        """Finish grads (SP and tied-embedding sums, DP reduction), update, advance the LR schedule by this step's
+        samples (Megatron counts the schedule in samples)."""
         self.reducer.is_last_microbatch = True
         finalize_model_grads(self.params, self.ps, self.reducer)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
-            self.scheduler.step()
+            self.scheduler.step(increment=global_batch_size)
         return ok, grad_norm
 
     @property

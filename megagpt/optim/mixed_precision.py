@@ -123,7 +123,9 @@ class _Slot:
 def build_torch_optimizer(decay: list[torch.Tensor], no_decay: list[torch.Tensor],
                           c: OptimConfig) -> torch.optim.Optimizer:
     """The torch optimizer every path steps with: AdamW (decoupled weight decay on `decay` only) or SGD."""
-    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # wd_mult: the LR scheduler writes its (possibly scheduled) weight decay times this into each group
+    groups = [{"params": decay, "weight_decay": c.weight_decay, "wd_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
     if c.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.sgd_momentum)
     # fused: one pass over each tensor (CPU and CUDA kernels); foreach makes ~7 passes with temporaries

@@ -14,7 +14,8 @@ from megagpt.cli import build_parser, parse_args
 from megagpt.config import ConfigError
 from megagpt.plan.cluster import MEASURED, Cluster, add_cluster_flags, cluster_from_args
 from megagpt.plan.report import dry_run
-from megagpt.plan.search import OPEN_FIELDS, PlanError, describe, format_table, launch_commands, search
+from megagpt.plan.search import (OPEN_FIELDS, PlanError, describe, format_table, launch_commands, planning_copy,
+                                 search)
 
 _LAYOUT_DESTS = {f"{section}.{name}": name for section in ("parallel", "train", "model") for name in OPEN_FIELDS}
 
@@ -57,7 +58,7 @@ def run(argv: Optional[Sequence[str]], measure: Optional[Callable[[int], Cluster
         if given.get("recompute_activations"):
             fixed.add("recompute_granularity")
         if ns.explain and fixed >= {"tensor_model_parallel_size", "pipeline_model_parallel_size"}:
-            config.data.mock_data = True
+            config = planning_copy(config)
             from megagpt.config import validate
             validate(config, cluster.num_gpus)
             return dry_run(config, cluster.num_gpus, cluster), 0

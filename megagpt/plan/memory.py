@@ -177,7 +177,13 @@ def layer_activation_terms(config: Config, d: Dims) -> dict[str, int]:
     if m.hidden_dropout > 0:
         # Two residual-branch dropouts, one mask element per hidden value.
         terms["hidden dropout masks"] = 2 * d.mask * d.sbh // sp
-    if m.recompute_granularity != "selective":
+    if m.recompute_granularity != "selective" and m.attention_core == "flash":
+        # scaled_dot_product_attention keeps its output, laid out like the query so the context the output
+        # projection keeps is a view of it (measured on CPU; counted above), and one fp32 log-sum-exp per query and
+        # head; no [s, s] tensor. (CPU with attention dropout falls back to torch's math path, which keeps the
+        # s x s probabilities and masks: not modelled, the GPU kernels do not.)
+        terms["flash attention log-sum-exp"] = 4 * b * (a // t) * s
+    elif m.recompute_granularity != "selective":
         scores = b * (a // t) * s * s
         # Softmax keeps its output (fp32 with attention_softmax_in_fp32 under bf16/fp16): the 5as/h term.
         terms["attention softmax"] = d.softmax * scores

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from megagpt.config import Config, ConfigError, num_model_chunks, validate
+from megagpt.config import Config, ConfigError, final_global_batch_size, num_model_chunks, validate
 from megagpt.plan.cluster import GIB, Cluster
 from megagpt.plan.memory import StageMemory, all_stages, stage_memory
 from megagpt.plan.step_time import StepTime, step_time
@@ -67,6 +67,15 @@ def with_layout(config: Config, **fields) -> Config:
     return out
 
 
+def planning_copy(config: Config) -> Config:
+    """A copy the planner can validate: planning one step needs no data files and no run length."""
+    out = with_layout(config)
+    out.data.mock_data = True
+    if out.train.train_iters is None and out.train.train_samples is None:
+        out.train.train_iters = 1
+    return out
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -87,7 +96,7 @@ def enumerate_layouts(config: Config, world_size: int, cluster: Cluster,
         for pp in pps:
             dp = max(world_size // (tp * pp), 1)
             mbs = [t.micro_batch_size] if "micro_batch_size" in fixed else \
-                [b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0] or [t.micro_batch_size]
+                [b for b in MICRO_BATCHES if final_global_batch_size(config, dp) % (b * dp) == 0] or [t.micro_batch_size]
             vls: list = [p.num_layers_per_virtual_pipeline_stage] \
                 if "num_layers_per_virtual_pipeline_stage" in fixed else \
                 [None] + [m.num_layers // (pp * v) for v in CHUNKS if pp > 1 and m.num_layers % (pp * v) == 0]
@@ -116,8 +125,7 @@ def max_stage_memory(config: Config, world_size: int, cluster: Cluster) -> int:
 def search(config: Config, cluster: Cluster, fixed: Iterable[str] = (), top: int = 10) -> list[Candidate]:
     """The `top` fitting layouts, fastest first (every stage's memory filled in); PlanError when none fits."""
     world = cluster.num_gpus
-    planning = with_layout(config)
-    planning.data.mock_data = True                 # the planner needs no data files
+    planning = planning_copy(config)
     configs, rejected = enumerate_layouts(planning, world, cluster, fixed)
     if not configs:
         reason = rejected.most_common(1)[0][0] if rejected else "no combination to try"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from megagpt.config import Config, num_microbatches, num_model_chunks
+from megagpt.config import Config, final_global_batch_size, num_microbatches, num_model_chunks
 from megagpt.plan.cluster import Cluster
 from megagpt.plan.memory import Dims, chunk_activation_bytes, dims, grad_layout, rank_chunks
 from megagpt.train_log import model_flops_per_iteration
@@ -126,6 +126,7 @@ def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
     owned = numel / d.dp if zero else numel
     out.terms["optimizer step"] = owned * OPTIMIZER_BYTES_PER_ELEMENT / (cluster.memory_gbps * 1e9)
     total = out.total
-    out.tokens_per_s = config.train.global_batch_size * d.s / total
-    out.tflops_per_gpu = model_flops_per_iteration(config, d.V) / total / world_size / 1e12
+    gbs = final_global_batch_size(config, d.dp)
+    out.tokens_per_s = gbs * d.s / total
+    out.tflops_per_gpu = model_flops_per_iteration(config, d.V, gbs) / total / world_size / 1e12
     return out
