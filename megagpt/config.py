@@ -144,6 +144,8 @@ class TrainConfig:
     load: Optional[str] = arg(None, "checkpoint directory to resume from")
     tensorboard_dir: Optional[str] = arg(None, "write the logged scalars to TensorBoard here")
     num_threads: Optional[int] = arg(None, "torch intra-op threads per process on CPU")
+    dry_run: bool = arg(False, "print the plan (memory per pipeline stage, term by term) and exit before any "
+                        "process group or allocation")
 
 
 @dataclass

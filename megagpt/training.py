@@ -28,6 +28,7 @@ from megagpt.engines import build_engine
 from megagpt.engines.base import Engine, MicroBatch
 from megagpt.engines.native import params_dtype
 from megagpt.parallel import comm
+from megagpt.plan import dry_run, startup_report
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
 from megagpt.parallel.state import ParallelState
@@ -194,6 +195,7 @@ def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
     if ps.rank == 0:
         print(f"megagpt: world {ps.world_size} = TP {ps.tp_size} x PP {ps.pp_size} x DP {ps.dp_size}; "
               f"{trainer.num_microbatches} micro-batches per step; config:\n{config.to_json()}", flush=True)
+        print(startup_report(config, ps.world_size), flush=True)
     n = sum(getattr(p, "ds_numel", p.numel()) for m in trainer.chunks for p in m.parameters())  # ZeRO-3: full size
     _print_in_rank_order(f" > rank {ps.rank} (tp {ps.tp_rank}, pp {ps.pp_rank}, dp {ps.dp_rank}): "
                          f"{n:,} parameters", ps)
@@ -219,6 +221,10 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     """Validate, join the process group, build groups, model, optimizer and data for this rank."""
     launch = detect_launch_env()
     validate(config, launch.world_size)  # clear errors before any process group or allocation
+    if config.train.dry_run:
+        if launch.rank == 0:
+            print(dry_run(config, launch.world_size), flush=True)
+        raise SystemExit(0)
     raise_if(environment_problems(config))
     resolve_vocab(config)
     if config.train.num_threads:

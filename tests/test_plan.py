@@ -152,3 +152,22 @@ def test_dry_run_and_startup_report_for_the_8b_preset_allocate_nothing():
     assert line.startswith(" > plan: TP 8 x PP 2 x DP 4") and "stage 0" in line and "stage 1" in line
     text = dry_run(config, 64, dataclasses.replace(H100, num_gpus=64))
     assert "weights" in text and "step time on h100-80gb" in text
+
+
+def test_dry_run_plans_8_3b_without_allocating():
+    """--dry-run prints the plan and exits 0 before any process group (port 1 would hang) or model allocation."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RANK="0", WORLD_SIZE="64", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    proc = subprocess.run([sys.executable, os.path.join(repo, "examples", "pretrain_gpt.py"), "--model-size",
+                           "megatron-8.3b", "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "2",
+                           "--sequence-parallel", "--bf16", "--use-distributed-optimizer", "--seq-length", "2048",
+                           "--max-position-embeddings", "2048", "--micro-batch-size", "1", "--global-batch-size", "512",
+                           "--train-iters", "10", "--mock-data", "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TP 8 x PP 2 x DP 4" in proc.stdout, proc.stdout[:500]
+    assert "predicted peak memory per rank: stage 0" in proc.stdout and "stage 1" in proc.stdout
