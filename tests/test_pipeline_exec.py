@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import run_distributed
-from megagpt.parallel.state import ParallelState
+from megagpt.parallel.layers import linear
+from megagpt.parallel.state import ParallelState, virtual_stage
 from megagpt.pipeline.executor import broadcast_losses, forward_backward
 
 HIDDEN, BATCH, LAYERS, SEED = 8, 3, 8, 1234
@@ -31,17 +32,26 @@ class Scenario:
     chunks: int
     microbatches: int
     forward_only: bool = False
+    schedule: Optional[str] = None
 
     @property
     def name(self) -> str:
-        return f"pp{self.pp}-v{self.chunks}-m{self.microbatches}" + ("-fwd" if self.forward_only else "")
+        return (f"pp{self.pp}-v{self.chunks}-m{self.microbatches}" + ("-fwd" if self.forward_only else "")
+                + (f"-{self.schedule}" if self.schedule else ""))
+
+    @property
+    def v_shape(self) -> bool:
+        return self.schedule == "zb-v"
 
 
 SCENARIOS = {
     2: [Scenario(2, 1, 4), Scenario(2, 1, 1), Scenario(2, 1, 3), Scenario(2, 2, 4), Scenario(2, 2, 2),
         Scenario(2, 2, 6), Scenario(1, 1, 3), Scenario(2, 1, 4, forward_only=True),
-        Scenario(2, 2, 4, forward_only=True)],
-    4: [Scenario(4, 1, 8), Scenario(4, 1, 3), Scenario(4, 2, 8), Scenario(2, 2, 4)],
+        Scenario(2, 2, 4, forward_only=True), Scenario(2, 1, 4, schedule="zb-h1"), Scenario(2, 1, 3, schedule="zb-h1"),
+        Scenario(2, 2, 4, schedule="zb-v"), Scenario(2, 2, 3, schedule="zb-v"),
+        Scenario(2, 2, 4, forward_only=True, schedule="zb-v")],
+    4: [Scenario(4, 1, 8), Scenario(4, 1, 3), Scenario(4, 2, 8), Scenario(2, 2, 4), Scenario(4, 1, 8, schedule="zb-h1"),
+        Scenario(4, 2, 8, schedule="zb-v"), Scenario(4, 2, 5, schedule="zb-v")],
 }
 
 
@@ -56,8 +66,9 @@ def micro_batches(m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_layers(layers, x: torch.Tensor) -> torch.Tensor:
+    """The deferrable linear of parallel/layers.py (F.linear's arithmetic), so split backwards defer real W."""
     for layer in layers:
-        x = torch.tanh(layer(x))   # [b, h]
+        x = torch.tanh(linear(x, layer.weight, layer.bias))   # [b, h]
     return x
 
 
@@ -81,21 +92,21 @@ def _np(t: Optional[torch.Tensor]):
 
 
 def _run_scenario(sc: Scenario) -> dict:
-    ps = ParallelState(tp=1, pp=sc.pp, virtual_pp=sc.chunks if sc.chunks > 1 else None)
+    ps = ParallelState(tp=1, pp=sc.pp, virtual_pp=sc.chunks if sc.chunks > 1 else None, pipeline_schedule=sc.schedule)
     per_chunk = LAYERS // (sc.pp * sc.chunks)
     model = full_model()
-    # Virtual stage s = chunk * pp + rank owns layers [s * per_chunk, (s + 1) * per_chunk).
-    owned = {c: list(range((c * sc.pp + ps.pp_rank) * per_chunk, (c * sc.pp + ps.pp_rank + 1) * per_chunk))
-             for c in range(sc.chunks)}
+    # Virtual stage s owns layers [s * per_chunk, (s + 1) * per_chunk).
+    stage = {c: virtual_stage(sc.pp, ps.pp_rank, c, sc.chunks, sc.v_shape) for c in range(sc.chunks)}
+    owned = {c: list(range(stage[c] * per_chunk, (stage[c] + 1) * per_chunk)) for c in range(sc.chunks)}
     xs, ys = micro_batches(sc.microbatches)
     outputs: list[weakref.ref] = []
 
     def forward_step(chunk: int, mb: int, inp: Optional[torch.Tensor]):
-        first = ps.is_first_stage and chunk == 0
+        first = stage[chunk] == 0
         assert (inp is None) == first
         out = run_layers([model[i] for i in owned[chunk]], xs[mb] if first else inp)
         outputs.append(weakref.ref(out))
-        if ps.is_last_stage and chunk == sc.chunks - 1:
+        if stage[chunk] == sc.pp * sc.chunks - 1:
             loss = F.mse_loss(out, ys[mb])
             return loss / sc.microbatches, loss.detach()
         return out, None
@@ -108,13 +119,15 @@ def _run_scenario(sc: Scenario) -> dict:
 
     losses = forward_backward(forward_step, sc.microbatches, ps, (BATCH, HIDDEN), torch.float32,
                               torch.device("cpu"), num_chunks=sc.chunks, forward_only=sc.forward_only,
-                              on_instruction=on_instruction)
+                              on_instruction=on_instruction, schedule=sc.schedule)
     mean = broadcast_losses(losses, ps)
     grads = {i: (_np(model[i].weight.grad), _np(model[i].bias.grad)) for c in owned for i in owned[c]}
     return {"pp_rank": ps.pp_rank, "dp_rank": ps.dp_rank, "losses": [_np(x) for x in losses], "mean": mean,
             "grads": grads,
             "peak_live": max(live), "alive_after": sum(ref() is not None for ref in outputs),
-            "forwards": sum(i.op == "forward" for i in trace), "backwards": sum(i.op == "backward" for i in trace)}
+            "forwards": sum(i.op == "forward" for i in trace),
+            "backwards": sum(i.op in ("backward", "backward_input") for i in trace),
+            "weights": sum(i.op == "backward_weight" for i in trace), "last": ps.is_last_stage}
 
 
 def _worker(scenarios: list[Scenario]) -> dict:
@@ -147,9 +160,12 @@ def test_pipeline_matches_single_process(results, world, sc):
     ref_grads, ref_losses = reference(sc.microbatches, sc.forward_only)
     ref_mean = torch.stack(ref_losses).mean().item()
     for r in ranks:
-        last = r["pp_rank"] == sc.pp - 1
+        last = r["pp_rank"] == (0 if sc.v_shape else sc.pp - 1)
+        assert r["last"] == last
         assert r["forwards"] == sc.microbatches * sc.chunks
         assert r["backwards"] == (0 if sc.forward_only else sc.microbatches * sc.chunks)
+        split = sc.schedule in ("zb-h1", "zb-v") and not sc.forward_only
+        assert r["weights"] == (sc.microbatches * sc.chunks if split else 0)
         assert r["alive_after"] == 0, "activations outlived forward_backward"
         if last:
             torch.testing.assert_close(torch.from_numpy(np.stack(r["losses"])), torch.stack(ref_losses),
@@ -164,7 +180,9 @@ def test_pipeline_matches_single_process(results, world, sc):
         for i, (w, b) in r["grads"].items():
             torch.testing.assert_close(torch.from_numpy(w), ref_grads[i][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(torch.from_numpy(b), ref_grads[i][1], rtol=1e-5, atol=1e-6)
-        if sc.chunks == 1:   # 1F1B: at most PP - stage micro-batches of activations alive at any time
+        if sc.v_shape:       # ZB-V: at most 2 PP chunk-micro-batches between F and W (1F1B's first stage)
+            assert r["peak_live"] <= 2 * sc.pp
+        elif sc.chunks == 1:  # 1F1B and ZB-H1: at most PP - stage micro-batches between F and B
             assert r["peak_live"] == min(sc.pp - r["pp_rank"], sc.microbatches) <= sc.pp - r["pp_rank"]
         else:                # interleaved: Megatron's warm-up count + 1 chunk-micro-batches
             m, p, v, rank = sc.microbatches, sc.pp, sc.chunks, r["pp_rank"]

@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 
+from megagpt.parallel.state import virtual_stage
 from megagpt.pipeline.schedules import (Instr, build_schedule, group_steps, interleaved_warmup,
                                         schedule_1f1b, schedule_interleaved, schedule_no_pipelining)
 
@@ -22,27 +23,41 @@ class Deadlock(AssertionError):
     pass
 
 
-def _message(ins: Instr, rank: int, p: int) -> tuple[int, int, str, tuple]:
-    """(src, dst, send|recv, identity) of a communication instruction on `rank`; identity names the sender."""
-    vs = ins.chunk * p + rank
+def _message(ins: Instr, rank: int, p: int, v: int = 1, v_shape: bool = False) -> tuple[int, int, str, tuple]:
+    """(src, dst, send|recv, identity) of a communication instruction on `rank`; identity names the sender.
+
+    Peers follow the placement rule only (virtual stage vs -> vs + 1 for activations), not the library's peer code."""
+    vs = virtual_stage(p, rank, ins.chunk, v, v_shape)
+    stages = {virtual_stage(p, r, c, v, v_shape): r for r in range(p) for c in range(v)}
+
+    def where(stage: int) -> int:
+        assert stage in stages, f"{ins} on rank {rank}: no virtual stage {stage}"
+        return stages[stage]
+
     if ins.op == "send_forward":
-        return rank, (rank + 1) % p, "send", ("act", ins.microbatch, vs)
+        return rank, where(vs + 1), "send", ("act", ins.microbatch, vs)
     if ins.op == "recv_forward":
-        return (rank - 1) % p, rank, "recv", ("act", ins.microbatch, vs - 1)
+        return where(vs - 1), rank, "recv", ("act", ins.microbatch, vs - 1)
     if ins.op == "send_backward":
-        return rank, (rank - 1) % p, "send", ("grad", ins.microbatch, vs)
+        return rank, where(vs - 1), "send", ("grad", ins.microbatch, vs)
     assert ins.op == "recv_backward"
-    return (rank + 1) % p, rank, "recv", ("grad", ins.microbatch, vs + 1)
+    return where(vs + 1), rank, "recv", ("grad", ins.microbatch, vs + 1)
 
 
-def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0) -> dict:
+DURATION = {"forward": "f", "backward": "b", "backward_input": "bi", "backward_weight": "bw"}
+
+
+def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0, v_shape: bool = False) -> dict:
     """Run all stages under rendezvous semantics; return makespan, busy time and compute events per stage.
 
-    t_fwd / t_bwd: compute time of one forward / backward, a number or a list with one per stage.
+    t_fwd / t_bwd: compute time of one forward / whole backward, a number or a list with one per stage; a split
+    backward's B and W each take half of t_bwd. v_shape: the chunks are placed in a V (zb-v).
     """
     p = len(schedules)
+    v = 1 + max(ins.chunk for s in schedules for ins in s)
     t_fwd = t_fwd if isinstance(t_fwd, list) else [t_fwd] * p
     t_bwd = t_bwd if isinstance(t_bwd, list) else [t_bwd] * p
+    times = [{"f": t_fwd[r], "b": t_bwd[r], "bi": t_bwd[r] / 2, "bw": t_bwd[r] / 2} for r in range(p)]
     steps = [group_steps(s) for s in schedules]
     # Number every op in its direction: the n-th send on (src, dst) meets the n-th receive on (src, dst).
     keyed: list[list] = []
@@ -55,7 +70,7 @@ def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0) -> dict:
                 continue
             ops = []
             for ins in step:
-                src, dst, kind, ident = _message(ins, r, p)
+                src, dst, kind, ident = _message(ins, r, p, v, v_shape)
                 ops.append(((src, dst, seq[(src, dst, kind)], kind), ident))
                 seq[(src, dst, kind)] += 1
             rows.append(ops)
@@ -71,7 +86,7 @@ def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0) -> dict:
             while pos[r] < len(keyed[r]):
                 step = keyed[r][pos[r]]
                 if isinstance(step, Instr):
-                    dur = t_fwd[r] if step.op == "forward" else t_bwd[r]
+                    dur = times[r][DURATION[step.op]]
                     events[r].append((step.op, step.microbatch, step.chunk, clock[r], clock[r] + dur))
                     clock[r] += dur
                     busy[r] += dur
@@ -107,27 +122,37 @@ def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0) -> dict:
     return {"makespan": max(clock), "busy": busy, "events": events}
 
 
-def peak_in_flight(instrs: list[Instr]) -> int:
+def peak_in_flight(instrs: list[Instr], until: str = "backward") -> int:
+    """Most (mb, chunk) alive at once: forwarded and not yet through `until` (backward, backward_input or _weight)."""
     live, peak = 0, 0
     for ins in instrs:
-        live += {"forward": 1, "backward": -1}.get(ins.op, 0)
+        live += {"forward": 1, until: -1}.get(ins.op, 0)
         peak = max(peak, live)
     return peak
 
 
 def check_each_once(instrs: list[Instr], m: int, v: int, forward_only: bool = False) -> None:
-    """Every (mb, chunk) forwards once, backwards once, after its forward; comms surround the right compute."""
-    fwd = [(i.microbatch, i.chunk) for i in instrs if i.op == "forward"]
-    bwd = [(i.microbatch, i.chunk) for i in instrs if i.op == "backward"]
+    """Every (mb, chunk) forwards once and backwards once after its forward (whole, or B then W); each chunk's
+    backwards (and W) in micro-batch order, so its last W is its last gradient; comms follow their compute."""
     every = sorted(itertools.product(range(m), range(v)))
-    assert sorted(fwd) == every
-    assert sorted(bwd) == ([] if forward_only else every)
-    seen_fwd = set()
+    by_op = {op: [(i.microbatch, i.chunk) for i in instrs if i.op == op]
+             for op in ("forward", "backward", "backward_input", "backward_weight")}
+    assert sorted(by_op["forward"]) == every
+    split = bool(by_op["backward_input"])
+    for op in ("backward_input", "backward_weight") if split else ("backward",):
+        assert sorted(by_op[op]) == ([] if forward_only else every), op
+        for c in range(v):
+            assert [mb for mb, chunk in by_op[op] if chunk == c] == sorted(mb for mb, chunk in by_op[op] if chunk == c)
+    assert not (split and by_op["backward"]), "a schedule either splits every backward or none"
+    seen: dict[str, set] = {"forward": set(), "backward_input": set()}
     for ins in instrs:
-        if ins.op == "forward":
-            seen_fwd.add((ins.microbatch, ins.chunk))
-        elif ins.op in ("backward", "send_forward"):
-            assert (ins.microbatch, ins.chunk) in seen_fwd, f"{ins} before its forward"
+        key = (ins.microbatch, ins.chunk)
+        if ins.op in seen:
+            seen[ins.op].add(key)
+        if ins.op in ("backward", "backward_input", "send_forward"):
+            assert key in seen["forward"], f"{ins} before its forward"
+        if ins.op == "backward_weight":
+            assert key in seen["backward_input"], f"{ins} before its B"
 
 
 CONFIGS_1F1B = [(m, p) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 5, 8, 16)]
@@ -166,6 +191,62 @@ def test_interleaved_schedule(m, p, v):
     # Chunks take 1/v of a stage's time, the bubble shrinks to (p - 1)(tf + tb) / v. (m == p runs all
     # forwards first, as Megatron does, and reaches the same.)
     assert sim["makespan"] == pytest.approx(m * 3.0 + (p - 1) * 3.0 / v)
+
+
+CONFIGS_ZB = [(m, p) for p in range(2, 9) for m in range(p, 4 * p + 1)]
+
+
+@pytest.mark.parametrize("m,p", CONFIGS_ZB)
+def test_zb_h1_schedule(m, p):
+    """A third of 1F1B's bubble at 1F1B's memory, deadlock-free under rendezvous (B and W each half a backward)."""
+    scheds = [build_schedule(m, p, r, schedule="zb-h1") for r in range(p)]
+    for r, s in enumerate(scheds):
+        check_each_once(s, m, 1)
+        assert peak_in_flight(s, until="backward_input") == min(p - r, m)   # between F and B: 1F1B's count
+        assert peak_in_flight(s, until="backward_weight") <= p              # waiting only for W: at most r more
+    sim = simulate(scheds, t_fwd=1.0, t_bwd=2.0)
+    assert sim["makespan"] == pytest.approx(3 * m + p - 1)                   # 1F1B: 3m + 3(p - 1)
+
+
+@pytest.mark.parametrize("m,p", CONFIGS_ZB)
+def test_zb_v_schedule(m, p):
+    """Two chunks per rank in a V: bubble (p - 1) / (6m + p - 1) in chunk units, at most p stage micro-batches
+    (2p chunk-micro-batches) alive per rank: 1F1B's first stage."""
+    scheds = [build_schedule(m, p, r, 2, schedule="zb-v") for r in range(p)]
+    for s in scheds:
+        check_each_once(s, m, 2)
+        assert peak_in_flight(s, until="backward_weight") <= 2 * p
+    sim = simulate(scheds, t_fwd=1.0, t_bwd=2.0, v_shape=True)
+    # The lower bound (the last rank waits p - 1 units for its first input), reached up to p = 4; the greedy
+    # order loses at most p - 4 units beyond (1F1B's bubble is 6(p - 1) units in these chunk units).
+    assert 6 * m + p - 1 <= sim["makespan"] <= 6 * m + p - 1 + max(0, p - 4)
+    # The last rank hands chunk 0's activation to its own chunk 1: no message crosses at the turn.
+    assert not any(i.op == "send_forward" and i.chunk == 0 for i in scheds[-1])
+    with pytest.raises(AssertionError):     # the lists only make sense with the V placement
+        simulate(scheds, v_shape=False)
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zb-v"])
+@pytest.mark.parametrize("forward_only", [False, True])
+@pytest.mark.parametrize("m,p", [(1, 2), (3, 4), (5, 8), (7, 3)])
+def test_zb_schedules_with_few_or_odd_microbatches(m, p, schedule, forward_only):
+    v = 2 if schedule == "zb-v" else 1
+    scheds = [build_schedule(m, p, r, v, forward_only=forward_only, schedule=schedule) for r in range(p)]
+    for s in scheds:
+        check_each_once(s, m, v, forward_only)
+    simulate(scheds, v_shape=schedule == "zb-v")
+
+
+def test_build_schedule_names():
+    assert build_schedule(4, 2, 0) == build_schedule(4, 2, 0, schedule="1f1b")
+    assert build_schedule(4, 2, 1, 2) == build_schedule(4, 2, 1, 2, schedule="interleaved")
+    assert build_schedule(3, 1, 0, schedule="zb-h1") == build_schedule(3, 1, 0)   # PP 1: nothing to pipeline
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'gpipe'"):
+        build_schedule(4, 2, 0, schedule="gpipe")
+    with pytest.raises(ValueError, match="zb-v runs 2 model chunks"):
+        build_schedule(4, 2, 0, 1, schedule="zb-v")
+    with pytest.raises(ValueError, match="interleaved schedule needs several model chunks"):
+        build_schedule(4, 2, 0, 1, schedule="interleaved")
 
 
 @pytest.mark.parametrize("forward_only", [False, True])

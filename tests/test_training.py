@@ -22,9 +22,10 @@ CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shake
 TIED_COPY = "tied copy of embedding.word_embeddings.weight"
 
 
-def _config(tp=1, pp=1, vl=None, sp=False, zero=0, overlap=False):
+def _config(tp=1, pp=1, vl=None, sp=False, zero=0, overlap=False, schedule=None, layers=4):
     return config_for_test(
-        num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=16, max_position_embeddings=16,
+        num_layers=layers, pipeline_schedule=schedule, hidden_size=64, num_attention_heads=4, seq_length=16,
+        max_position_embeddings=16,
         vocab_size=500, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=vl,
         sequence_parallel=sp, use_distributed_optimizer=zero > 0, zero_stage=max(zero, 1),
@@ -47,21 +48,18 @@ def _train(config):
     return result.losses, result.grad_norms, weights, ps.dp_rank
 
 
-def _reference():
-    return run_distributed(_train, 1, _config())[0]
-
-
 _REFERENCE = {}
 
 
-def reference():
-    if not _REFERENCE:
-        _REFERENCE["run"] = _reference()
-    return _REFERENCE["run"]
+def reference(layers=4):
+    """The single-rank run (of a deeper model for layouts that need more layers than 4)."""
+    if layers not in _REFERENCE:
+        _REFERENCE[layers] = run_distributed(_train, 1, _config(layers=layers))[0]
+    return _REFERENCE[layers]
 
 
-def _check_against_reference(results):
-    ref_losses, ref_norms, ref_weights, _ = reference()
+def _check_against_reference(results, layers=4):
+    ref_losses, ref_norms, ref_weights, _ = reference(layers)
     replicas: dict[int, dict] = {}
     for losses, norms, weights, dp_rank in results:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
@@ -100,15 +98,23 @@ LAYOUTS = {
     "dp4-zero2-overlap": dict(zero=2, overlap=True),
     "tp2-pp2-dp2": dict(tp=2, pp=2),
     "tp2-pp2-dp2-zero1-sp": dict(tp=2, pp=2, zero=1, sp=True),
+    "pp2-zb-h1": dict(pp=2, schedule="zb-h1"),
+    "pp4-zb-h1": dict(pp=4, schedule="zb-h1"),
+    "tp2-pp2-dp2-zero1-sp-overlap-zb-h1": dict(tp=2, pp=2, zero=1, sp=True, overlap=True, schedule="zb-h1"),
+    "pp2-zb-v": dict(pp=2, schedule="zb-v"),
+    "pp4-zb-v": dict(pp=4, schedule="zb-v", layers=8),   # two chunks on each of 4 ranks: 8 layers
+    "tp2-pp2-dp2-zero1-sp-overlap-zb-v": dict(tp=2, pp=2, zero=1, sp=True, overlap=True, schedule="zb-v"),
 }
 WORLD = {"tp2": 2, "tp2-sp": 2, "tp4": 4, "tp4-sp": 4, "tp2-dp2": 4, "pp2": 2, "pp4": 4, "pp2-interleaved": 2, "dp2": 2, "dp2-zero1": 2,
-         "dp4-zero2-overlap": 4, "tp2-pp2-dp2": 8, "tp2-pp2-dp2-zero1-sp": 8}
-FAST = {"tp2", "pp2", "dp2-zero1"}
+         "dp4-zero2-overlap": 4, "tp2-pp2-dp2": 8, "tp2-pp2-dp2-zero1-sp": 8, "pp2-zb-h1": 2, "pp4-zb-h1": 4,
+         "tp2-pp2-dp2-zero1-sp-overlap-zb-h1": 8, "pp2-zb-v": 2, "pp4-zb-v": 4, "tp2-pp2-dp2-zero1-sp-overlap-zb-v": 8}
+FAST = {"tp2", "pp2", "dp2-zero1", "pp2-zb-v"}
 
 
 @pytest.mark.parametrize("layout", [pytest.param(k, marks=() if k in FAST else pytest.mark.slow) for k in LAYOUTS])
 def test_layout_matches_single_rank(layout):
-    _check_against_reference(run_distributed(_train, WORLD[layout], _config(**LAYOUTS[layout])))
+    _check_against_reference(run_distributed(_train, WORLD[layout], _config(**LAYOUTS[layout])),
+                             LAYOUTS[layout].get("layers", 4))
 
 
 # ---- learning on real text, and low precision against fp32 ---------------------------------------------------

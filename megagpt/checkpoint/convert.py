@@ -32,6 +32,7 @@ from megagpt.config import ModelConfig, layout_problems
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import WORD_EMBEDDING, stage_layer_ids
 from megagpt.parallel.layers import pad_vocab_size
+from megagpt.parallel.state import stage_of
 
 OUTPUT_LAYER = "output_layer.weight"
 
@@ -68,17 +69,19 @@ def is_vocab_tensor(name: str, info: dict) -> bool:
     return name == WORD_EMBEDDING or info.get("tied_to") == WORD_EMBEDDING
 
 
-def place(name: str, num_layers: int, pp: int, chunks: int) -> tuple[int, int]:
-    """(pp rank, chunk) that owns tensor `name` in a TP x PP x chunks layout (as gpt.build_model_chunks builds it)."""
+def place(name: str, num_layers: int, pp: int, chunks: int, v_shape: bool = False) -> tuple[int, int]:
+    """(pp rank, chunk) that owns tensor `name` in a TP x PP x chunks layout (as gpt.build_model_chunks builds it,
+    with the V placement of zb-v when `v_shape`). Conversion writes the interleaved placement (v_shape False);
+    a zb-v source is read through the pp rank and chunk its metadata records for every tensor."""
     if name.startswith("embedding."):
-        return 0, 0
+        return stage_of(0, pp, chunks, v_shape)
     if name.startswith("decoder.final_layernorm.") or name == OUTPUT_LAYER:
-        return pp - 1, chunks - 1
+        return stage_of(pp * chunks - 1, pp, chunks, v_shape)
     if name.startswith("decoder.layers."):
         layer = int(name.split(".")[2])
         for p in range(pp):
             for c in range(chunks):
-                if layer in stage_layer_ids(num_layers, pp, p, chunks, c):
+                if layer in stage_layer_ids(num_layers, pp, p, chunks, c, v_shape):
                     return p, c
     raise ConversionError(f"tensor {name!r} is not part of the GPT model this converter knows (no stage for it)")
 
@@ -114,7 +117,9 @@ class ShardedCheckpoint:
         layout = self.meta["layout"]
         self.tp, self.pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
         self.chunks = layout["virtual_pipeline_chunks"]
-        self.zero = layout["use_distributed_optimizer"] and not is_converted(layout)
+        # ZeRO shards exist unless the run saved no optimizer state (--no-save-optim)
+        self.zero = layout["use_distributed_optimizer"] and not is_converted(layout) and \
+            self.meta.get("has_optimizer", True)
         self.dp = layout["data_parallel_size"]
         self._files: dict[str, dict] = {}
         self._zero_index: dict[tuple[int, int], dict] = {}
@@ -198,7 +203,9 @@ class ShardedCheckpoint:
         state = self._load(self._path(0, 0))
         if "optimizer" in state:
             return state["optimizer"]["optimizer"]
-        return self._load(zero_shard_file(shard_dir(self.directory, self.iteration, 0, 0), 0))["optimizer"]["optimizer"] if self.zero else None
+        if not self.zero:
+            return None
+        return self._load(zero_shard_file(shard_dir(self.directory, self.iteration, 0, 0), 0))["optimizer"]["optimizer"]
 
     def optimizer_common(self) -> Optional[dict]:
         optim = self._first_optimizer()
@@ -236,6 +243,10 @@ def target_config(config: dict, tp: int, pp: int, chunks: int) -> dict:
     par["tensor_model_parallel_size"], par["pipeline_model_parallel_size"] = tp, pp
     par["num_layers_per_virtual_pipeline_stage"] = config["model"]["num_layers"] // (pp * chunks) if chunks > 1 \
         else None
+    # The target has the interleaved placement: a schedule that places chunks otherwise (zb-v) or needs another
+    # chunk count does not carry over (None: 1F1B or interleaved, from the sizes above).
+    if par.get("pipeline_schedule") not in ({"1f1b", "zb-h1"} if chunks == 1 else {"interleaved"}):
+        par["pipeline_schedule"] = None
     return config
 
 

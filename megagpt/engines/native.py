@@ -43,7 +43,8 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
         return loss * (loss_scale / count), loss.detach()
 
     losses = forward_backward(forward_step, count, ps, activation_shape(config, ps), params_dtype(config), device,
-                              num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction)
+                              num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,
+                              schedule=config.parallel.pipeline_schedule)
     return broadcast_losses(losses, ps, device)
 
 

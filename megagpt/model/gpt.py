@@ -17,16 +17,20 @@ from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.param_tags import tag
 from megagpt.parallel.layers import VocabParallelEmbedding, pad_vocab_size
-from megagpt.parallel.state import ParallelState
+from megagpt.parallel.state import ParallelState, virtual_stage
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int, num_chunks: int = 1, chunk: int = 0) -> range:
-    """Global layer indices of one model chunk: virtual stage `chunk * PP + pp_rank` of `PP * chunks` equal blocks."""
+def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int, num_chunks: int = 1, chunk: int = 0,
+                    v_shape: bool = False) -> range:
+    """Global layer indices of one model chunk: virtual stage `virtual_stage(...)` of `PP * chunks` equal blocks.
+
+    The one answer to "which layers does (pp_rank, chunk) own", for every schedule (V placement for zb-v); model
+    building and checkpoint conversion both ask it."""
     per_virtual_stage = num_layers // (pp_size * num_chunks)
-    virtual_stage = chunk * pp_size + pp_rank
-    return range(virtual_stage * per_virtual_stage, (virtual_stage + 1) * per_virtual_stage)
+    vs = virtual_stage(pp_size, pp_rank, chunk, num_chunks, v_shape)
+    return range(vs * per_virtual_stage, (vs + 1) * per_virtual_stage)
 
 
 class Embedding(nn.Module):
@@ -71,7 +75,7 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: range, *, seed: int,
                  tracker: tp_random.RNGStatesTracker, pre_process: bool, post_process: bool,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, tied_weight: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size is not set (it comes from the tokenizer)")
@@ -79,6 +83,9 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process, self.sequence_parallel = pre_process, post_process, sequence_parallel
         self.padded_vocab = pad_vocab_size(cfg.vocab_size, ps.tp_size, cfg.make_vocab_size_divisible_by)
         self.layer_ids = layer_ids
+        # The V placement (zb-v) puts the last stage on the first stage's rank: its LM head is the embedding weight
+        # itself, held in a tuple so it is not registered here (saved, reduced and counted once, in the first chunk).
+        self._tied_weight = (tied_weight,) if tied_weight is not None else ()
         if pre_process:
             self.embedding = Embedding(cfg, ps, seed, self.padded_vocab, sequence_parallel, tracker,
                                        device, params_dtype)
@@ -89,11 +96,11 @@ class GPTModel(nn.Module):
         if post_process:
             self.decoder.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sequence_parallel,
                                                      device, params_dtype)
-            if not pre_process:  # last stage of a pipeline: a copy of the tied embedding, kept equal by grad all-reduce
+            if not pre_process and tied_weight is None:  # last stage of a pipeline: a copy of the tied embedding,
                 self.output_layer = VocabParallelEmbedding(
                     self.padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=params_dtype, device=device,
                     init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
-                tag(self.output_layer.weight, embedding_copy=True)
+                tag(self.output_layer.weight, embedding_copy=True)  # kept equal by grad all-reduce
         tied = ps.pp_size > 1
         for weight in self.tied_embedding_weights():
             tag(weight, shared_embedding=tied)
@@ -101,12 +108,14 @@ class GPTModel(nn.Module):
     def tied_embedding_weights(self) -> list[nn.Parameter]:
         """The word-embedding weight(s) held by this chunk: the original on the first stage, the copy on the last."""
         weights = [self.embedding.word_embeddings.weight] if self.pre_process else []
-        if self.post_process and not self.pre_process:
+        if self.post_process and not self.pre_process and not self._tied_weight:
             weights.append(self.output_layer.weight)
         return weights
 
     def _lm_head_weight(self) -> torch.Tensor:
-        return self.embedding.word_embeddings.weight if self.pre_process else self.output_layer.weight
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self._tied_weight[0] if self._tied_weight else self.output_layer.weight
 
     def forward(self, tokens: Optional[torch.Tensor] = None, input_tensor: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -150,12 +159,18 @@ def build_model_chunks(cfg: ModelConfig, ps: ParallelState, *, seed: int, tracke
                        num_chunks: int = 1, sequence_parallel: bool = False,
                        params_dtype: torch.dtype = torch.float32,
                        device: Optional[torch.device] = None) -> list[GPTModel]:
-    """This rank's model chunks (one, or several non-contiguous ones for the interleaved schedule)."""
-    chunks = []
+    """This rank's model chunks (one, or several non-contiguous ones for the interleaved and V placements).
+
+    Under the V placement (ps.v_shape, zb-v) rank 0 holds both the first and the last virtual stage: the last chunk's
+    LM head then uses the first chunk's word embedding directly, as a single-stage model does."""
+    chunks: list[GPTModel] = []
+    last_vs = ps.pp_size * num_chunks - 1
     for chunk in range(num_chunks):
-        layer_ids = stage_layer_ids(cfg.num_layers, ps.pp_size, ps.pp_rank, num_chunks, chunk)
-        first = ps.is_first_stage and chunk == 0
-        last = ps.is_last_stage and chunk == num_chunks - 1
-        chunks.append(GPTModel(cfg, ps, layer_ids, seed=seed, tracker=tracker, pre_process=first, post_process=last,
-                               sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device))
+        vs = virtual_stage(ps.pp_size, ps.pp_rank, chunk, num_chunks, ps.v_shape)
+        layer_ids = stage_layer_ids(cfg.num_layers, ps.pp_size, ps.pp_rank, num_chunks, chunk, ps.v_shape)
+        tied = next((c.embedding.word_embeddings.weight for c in chunks if c.pre_process), None)
+        chunks.append(GPTModel(cfg, ps, layer_ids, seed=seed, tracker=tracker, pre_process=vs == 0,
+                               post_process=vs == last_vs, sequence_parallel=sequence_parallel,
+                               params_dtype=params_dtype, device=device,
+                               tied_weight=tied if vs == last_vs else None))
     return chunks

@@ -11,10 +11,18 @@ of the sequence, so its gradient must be all-reduced over TP by the gradient-fin
 
 Activations are [s, b, h]; under sequence parallelism the tensors entering ColumnParallelLinear and leaving
 RowParallelLinear are [s/tp, b, h].
+
+Split backward (zero-bubble pipeline schedules): both linears run through `_LinearWithDeferrableWgrad`, whose
+backward computes the input gradient (and bias gradient) at once but, inside `defer_weight_grads()`, queues the
+weight gradient `grad_output^T x input` instead of computing it. The queue's `run()` (the schedule's W) later
+computes it and feeds it to autograd as if backward had produced it, so the parameter's hooks (the grad buffer's
+accumulation into main_grad and bucket readiness) fire then, and not before. Everything else (the TP/SP
+collectives, LayerNorm and embedding weight grads) stays in the first pass, B.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,77 @@ from megagpt.parallel.mappings import (
 )
 
 InitMethod = Callable[[torch.Tensor], None]
+
+
+class WeightGradQueue:
+    """Weight-gradient work a backward pass left for later, in the order it was queued; `run()` does it all."""
+
+    def __init__(self) -> None:
+        self._work: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (weight, grad_output, input)
+
+    def add(self, weight: torch.Tensor, grad_output: torch.Tensor, x: torch.Tensor) -> None:
+        self._work.append((weight, grad_output, x))
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+    def run(self) -> None:
+        """Compute every queued weight gradient and accumulate it through autograd (so the parameter's grad
+        hooks fire, as they would have in an undivided backward). One at a time: peak extra memory is one grad."""
+        work, self._work = self._work, []
+        for weight, grad_output, x in work:
+            torch.autograd.backward(weight, grad_tensors=_weight_grad(grad_output, x))
+
+
+_QUEUE: Optional[WeightGradQueue] = None   # where linear backwards put weight grads; None: compute them at once
+
+
+@contextlib.contextmanager
+def defer_weight_grads() -> Iterator[WeightGradQueue]:
+    """Backward passes run inside leave the linear layers' weight gradients in the yielded queue (the W of a
+    zero-bubble schedule). A module variable, not a thread-local: autograd runs device backward on its own thread."""
+    global _QUEUE
+    previous, _QUEUE = _QUEUE, WeightGradQueue()
+    try:
+        yield _QUEUE
+    finally:
+        _QUEUE = previous
+
+
+def _weight_grad(grad_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = grad_output^T x over every token: [*, out], [*, in] -> [out, in]."""
+    return grad_output.reshape(-1, grad_output.size(-1)).t().matmul(x.reshape(-1, x.size(-1)))  # [out, in]
+
+
+class _LinearWithDeferrableWgrad(torch.autograd.Function):
+    """y = x W^T + b whose weight gradient can be deferred (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)  # [*, out]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None  # [*, in]
+        grad_bias = grad_output.reshape(-1, grad_output.size(-1)).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] \
+            else None  # [out]
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # Only a leaf weight can be fed to autograd later: a weight computed by other ops (a cast, say) has
+            # its graph freed by then, so its gradient is computed now.
+            if _QUEUE is not None and weight.grad_fn is None:
+                _QUEUE.add(weight, grad_output, x)
+            else:
+                grad_weight = _weight_grad(grad_output, x)  # [out, in]
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear with a weight gradient that `defer_weight_grads` can postpone: [*, in] -> [*, out]."""
+    return _LinearWithDeferrableWgrad.apply(x, weight, bias)
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -111,7 +190,7 @@ class ColumnParallelLinear(nn.Module):
         else:
             x = copy_to_tp_region(x, self.group)  # [s, b, in]
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, weight, bias)  # [s, b, out/tp]
+        out = linear(x, weight, bias)  # [s, b, out/tp]
         if self.gather_output:
             out = gather_from_tp_region(out, self.group)  # [s, b, out]
         return out, (self.bias if self.skip_bias_add else None)
@@ -152,7 +231,7 @@ class RowParallelLinear(nn.Module):
         """x: [s, b, in/tp] ([s, b, in] if not input_is_parallel) -> ([s, b, out] or [s/tp, b, out], bias or None)."""
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)  # [s, b, in] -> [s, b, in/tp]
-        partial = F.linear(x, self.weight)  # [s, b, out], partial sum over this rank's inputs
+        partial = linear(x, self.weight)  # [s, b, out], partial sum over this rank's inputs
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(partial, self.group)  # [s/tp, b, out]
         else:

@@ -12,6 +12,9 @@ Worked layout, 8 ranks with TP=2, PP=2, DP=2::
     model-parallel   [0,1,4,5] [2,3,6,7]           (TP x PP for one DP replica: grad-norm reduction)
     embedding        [0,4] [1,5] [2,6] [3,7]       (first + last stage: tied word-embedding grads)
 
+Under the ZB-V schedule the first and the last virtual stage both live on pipeline rank 0 (see `virtual_stage`), so
+the tied embedding is one parameter there and each embedding group is that one rank: nothing to all-reduce.
+
 `ParallelLayout` is the pure rank arithmetic (unit-tested without processes); `ParallelState` creates the
 torch.distributed groups from it and is passed explicitly (no module-level global), so one process can hold
 several layouts.
@@ -23,7 +26,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megagpt.config import layout_problems
+from megagpt.config import layout_problems, v_shaped
 
 
 class ParallelConfigError(ValueError):
@@ -37,6 +40,29 @@ def check_sizes(world_size: int, tp: int, pp: int, virtual_pp: Optional[int] = N
         raise ParallelConfigError("; ".join(problems))
 
 
+def virtual_stage(pp_size: int, pp_rank: int, chunk: int, num_chunks: int = 1, v_shape: bool = False) -> int:
+    """Position of model chunk `chunk` of pipeline rank `pp_rank` among the PP x chunks virtual stages.
+
+    Interleaved (Megatron): chunk c of rank r is virtual stage c PP + r, so activations always move to the next rank.
+    V shape (ZB-V, two chunks): chunk 0 goes down the ranks, chunk 1 comes back up (virtual stage 2 PP - 1 - r), so
+    the last rank passes activations to itself at the turn and rank 0 holds both the first and the last stage.
+    The single rule of which layers and which messages a (rank, chunk) owns; `stage_of` is its inverse."""
+    if v_shape:
+        if num_chunks != 2:
+            raise ValueError(f"the V placement (zb-v) has exactly 2 model chunks per rank, got {num_chunks}")
+        return pp_rank if chunk == 0 else 2 * pp_size - 1 - pp_rank
+    return chunk * pp_size + pp_rank
+
+
+def stage_of(vs: int, pp_size: int, num_chunks: int = 1, v_shape: bool = False) -> tuple[int, int]:
+    """(pp_rank, chunk) holding virtual stage `vs`: the inverse of `virtual_stage`."""
+    if not 0 <= vs < pp_size * num_chunks:
+        raise ValueError(f"virtual stage {vs} outside {pp_size} ranks x {num_chunks} chunks")
+    if v_shape:
+        return (vs, 0) if vs < pp_size else (2 * pp_size - 1 - vs, 1)
+    return vs % pp_size, vs // pp_size
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Pure rank arithmetic of a TP x PP x DP layout (no processes involved)."""
@@ -44,6 +70,7 @@ class ParallelLayout:
     world_size: int
     tp: int
     pp: int
+    v_shape: bool = False   # ZB-V placement: first and last virtual stage on pipeline rank 0
 
     def __post_init__(self) -> None:
         check_sizes(self.world_size, self.tp, self.pp)
@@ -72,8 +99,8 @@ class ParallelLayout:
         return [sorted(self.rank(t, d, p) for p in range(self.pp) for t in range(self.tp)) for d in range(self.dp)]
 
     def embedding_groups(self) -> list[list[int]]:
-        """First and last stage of every pipeline (one rank when PP == 1)."""
-        return [sorted({g[0], g[-1]}) for g in self.pp_groups()]
+        """First and last stage of every pipeline (one rank when PP == 1, or under the V placement)."""
+        return [sorted({g[0], g[0] if self.v_shape else g[-1]}) for g in self.pp_groups()]
 
 
 def _group_containing(rank: int, groups: list[list[int]], required: bool = True):
@@ -93,14 +120,16 @@ def _group_containing(rank: int, groups: list[list[int]], required: bool = True)
 class ParallelState:
     """Process groups and rank getters of one TP x PP x DP layout over the initialised default group."""
 
-    def __init__(self, tp: int = 1, pp: int = 1, virtual_pp: Optional[int] = None) -> None:
+    def __init__(self, tp: int = 1, pp: int = 1, virtual_pp: Optional[int] = None,
+                 pipeline_schedule: Optional[str] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call megagpt.parallel.launch.init_distributed()")
         world_size, rank = dist.get_world_size(), dist.get_rank()
         check_sizes(world_size, tp, pp, virtual_pp)
-        self.layout = ParallelLayout(world_size, tp, pp)
+        self.layout = ParallelLayout(world_size, tp, pp, v_shaped(pipeline_schedule))
         self.rank = rank
         self.virtual_pp_size = virtual_pp or 1
+        self.pipeline_schedule = pipeline_schedule
         self.tp_rank, self.dp_rank, self.pp_rank = self.layout.coords(rank)
         self.tp_group, self.tp_ranks = _group_containing(rank, self.layout.tp_groups())
         self.dp_group, self.dp_ranks = _group_containing(rank, self.layout.dp_groups())
@@ -126,12 +155,18 @@ class ParallelState:
         return self.layout.dp
 
     @property
+    def v_shape(self) -> bool:
+        """Model chunks are placed in a V (ZB-V): see `virtual_stage`."""
+        return self.layout.v_shape
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+        """Holds the last virtual stage (final norm, LM head, loss): the last rank, or rank 0 under the V placement."""
+        return self.pp_rank == self._loss_pp_rank
 
     @property
     def next_rank(self) -> int:
@@ -151,7 +186,11 @@ class ParallelState:
     @property
     def last_stage_rank(self) -> int:
         """Global rank of the last stage of this rank's pipeline (where the loss lives)."""
-        return self.pp_ranks[-1]
+        return self.pp_ranks[self._loss_pp_rank]
+
+    @property
+    def _loss_pp_rank(self) -> int:
+        return 0 if self.v_shape else self.pp_size - 1
 
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, dp={self.dp_rank}/{self.dp_size}, "

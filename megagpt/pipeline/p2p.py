@@ -5,9 +5,9 @@ send and receive is posted together through `comm.batch_send_recv` (batch_isend_
 on gloo) and all are waited for. Posting a matched send/recv pair together is what keeps two neighbours that
 exchange in both directions from each blocking in a send to the other.
 
-Peers are global ranks from ParallelState: activations go to `next_rank` and come from `prev_rank`,
-gradients the other way. Both wrap around the pipeline, which is exactly the interleaved hop from the last
-rank's chunk c to the first rank's chunk c + 1. Every message has the same known shape and dtype (one
+Peers are global ranks from ParallelState, chosen by the chunk placement (instructions.comm_peer): interleaved,
+activations go to `next_rank` and come from `prev_rank`, gradients the other way, both wrapping around the pipeline
+(the hop from the last rank's chunk c to the first rank's chunk c + 1); under the V placement chunk 1 flows back. Every message has the same known shape and dtype (one
 micro-batch of activations), so receive buffers are allocated up front with no shape handshake.
 """
 from __future__ import annotations
@@ -18,23 +18,16 @@ import torch
 
 from megagpt.parallel import comm
 from megagpt.parallel.state import ParallelState
-from megagpt.pipeline.schedules import Instr
+from megagpt.pipeline.instructions import Instr, comm_peer
 
-_TO_NEXT = ("send_forward", "recv_backward")   # activations out, gradients in
-_TO_PREV = ("recv_forward", "send_backward")   # activations in, gradients out
-
-
-def peer_rank(op: str, ps: ParallelState) -> int:
-    """Global rank on the other end of a communication instruction."""
-    if op in _TO_NEXT:
-        return ps.next_rank
-    if op in _TO_PREV:
-        return ps.prev_rank
-    raise ValueError(f"{op!r} is not a communication instruction")
+def peer_rank(ins: Instr, ps: ParallelState, num_chunks: int = 1, v_shape: bool = False) -> int:
+    """Global rank on the other end of a communication instruction (instructions.comm_peer, in global ranks)."""
+    return ps.pp_ranks[comm_peer(ins, ps.pp_rank, ps.pp_size, num_chunks, v_shape)]
 
 
 def exchange(batch: Sequence[Instr], outgoing: Mapping[Instr, torch.Tensor], ps: ParallelState,
-             tensor_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict[Instr, torch.Tensor]:
+             tensor_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, num_chunks: int = 1,
+             v_shape: bool = False) -> dict[Instr, torch.Tensor]:
     """Post every send and receive of one batch together, wait for all, return the received tensors.
 
     `outgoing[ins]` is the tensor of each send instruction; the ops are posted in batch order, which is the
@@ -44,7 +37,7 @@ def exchange(batch: Sequence[Instr], outgoing: Mapping[Instr, torch.Tensor], ps:
     ops: list[tuple[str, torch.Tensor, int]] = []
     received: dict[Instr, torch.Tensor] = {}
     for ins in batch:
-        peer = peer_rank(ins.op, ps)
+        peer = peer_rank(ins, ps, num_chunks, v_shape)
         if ins.op.startswith("send"):
             tensor = outgoing[ins]
             if tuple(tensor.shape) != tuple(tensor_shape) or tensor.dtype != dtype:
