@@ -141,7 +141,21 @@ class TrainConfig:
     seed: int = arg(1234, "seed for weights, data order and dropout")
     save: Optional[str] = arg(None, "checkpoint directory to write")
     save_interval: Optional[int] = arg(None, "checkpoint every N iterations")
-    load: Optional[str] = arg(None, "checkpoint directory to resume from")
+    load: Optional[str] = arg(None, "checkpoint directory to resume from (missing or empty: start from scratch)")
+    finetune: bool = arg(False, "load weights only: iteration 0, fresh optimizer, RNG and data position")
+    no_load_optim: bool = arg(False, "do not load optimizer and LR-schedule state (fp32 masters from the weights)")
+    no_load_rng: bool = arg(False, "do not load RNG states (keep this run's freshly seeded streams)")
+    no_save_optim: bool = arg(False, "leave optimizer and LR-schedule state out of checkpoints")
+    no_save_rng: bool = arg(False, "leave RNG states out of checkpoints")
+    ckpt_format: str = arg("torch", "checkpoint format: torch (Megatron's legacy per-rank files + metadata.json)",
+                           choices=["torch"])
+    keep_last_n_checkpoints: Optional[int] = arg(None, "delete older complete checkpoints once a newer one is complete")
+    exit_interval: Optional[int] = arg(None, "save and exit after an iteration divisible by N")
+    exit_duration_in_mins: Optional[float] = arg(None, "save and exit once training has run this long (agreed by all "
+                                                 "ranks)")
+    exit_signal_handler: bool = arg(False, "on --exit-signal, finish the iteration, save and exit 0 (all ranks agree)")
+    exit_signal: str = arg("SIGTERM", "the signal --exit-signal-handler catches (SLURM sends SIGTERM before "
+                           "preemption and time-out)", choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     tensorboard_dir: Optional[str] = arg(None, "write the logged scalars to TensorBoard here")
     num_threads: Optional[int] = arg(None, "torch intra-op threads per process on CPU")
     dry_run: bool = arg(False, "print the plan (memory per pipeline stage, term by term) and exit before any "
@@ -456,6 +470,12 @@ def validate(config: Config, world_size: int) -> None:
         if t.rampup_batch_size:
             problems.append("--deepspeed fixes its gradient accumulation steps at start-up: --rampup-batch-size "
                             "runs on the native path only")
+        native_only = [flag for flag, on in (("--finetune", t.finetune), ("--no-load-optim", t.no_load_optim),
+                                             ("--no-load-rng", t.no_load_rng), ("--no-save-optim", t.no_save_optim),
+                                             ("--no-save-rng", t.no_save_rng),
+                                             ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints)) if on]
+        if native_only:
+            problems.append(f"{', '.join(native_only)}: native checkpoints only, not with --deepspeed")
         if p.sequence_parallel:
             problems.append("--deepspeed does not run --sequence-parallel: its LayerNorm grads need the TP all-reduce "
                             "of megagpt's native optimizer path")
@@ -465,6 +485,9 @@ def validate(config: Config, world_size: int) -> None:
         steps = schedule_steps(config, dp)
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
+    problems += [f"{flag} must be positive, got {value}" for flag, value in (
+        ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints), ("--exit-interval", t.exit_interval),
+        ("--exit-duration-in-mins", t.exit_duration_in_mins)) if value is not None and value <= 0]
     if not d.mock_data and not d.data_path:
         problems.append("no --data-path given (or pass --mock-data)")
     raise_if(problems)

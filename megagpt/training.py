@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint.format import checkpoint_format_problem
-from megagpt.checkpoint.sharded import set_rng_state
+from megagpt.checkpoint.format import CheckpointError, checkpoint_format_problem, has_checkpoint
+from megagpt.checkpoint.sharded import prune_checkpoints, set_rng_state
 from megagpt.config import (Config, ConfigError, data_prefixes, final_global_batch_size, global_batch_size_at,
                             num_microbatches, num_model_chunks, raise_if, train_iters, train_samples, validate)
 from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
@@ -29,6 +29,7 @@ from megagpt.engines.base import Engine, MicroBatch
 from megagpt.engines.native import params_dtype
 from megagpt.parallel import comm
 from megagpt.plan import dry_run, startup_report
+from megagpt.run_control import RunControl
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
 from megagpt.parallel.state import ParallelState
@@ -46,6 +47,7 @@ class TrainResult:
     validation_losses: list[float] = field(default_factory=list)
     consumed_samples: int = 0
     skipped_iterations: int = 0
+    exit_reason: Optional[str] = None    # why the run stopped before --train-iters (exit flags), if it did
 
 
 def environment_problems(config: Config) -> list[str]:
@@ -60,6 +62,10 @@ def environment_problems(config: Config) -> list[str]:
         problem = checkpoint_format_problem(config.train.load, p.deepspeed)
         if problem:
             problems.append(problem)
+        try:
+            has_checkpoint(config.train.load, p.deepspeed)
+        except CheckpointError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -130,18 +136,25 @@ class Trainer:
         self.engine: Engine = build_engine(config, self.chunks, ps, self.tracker, launch.local_rank)
         self.consumed_samples = 0
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
+        self.last_saved = 0        # the iteration of this run's newest checkpoint (or the one it resumed from)
         self.train_data = self.valid_data = None
         self.datasets = build_datasets(config, launch, ps.dp_size)
 
     def save(self, directory: str, iteration: int) -> None:
-        """Checkpoint this rank's shards of `iteration` (collective: every rank calls it)."""
+        """Checkpoint this rank's shards of `iteration` (collective: every rank calls it); with
+        --keep-last-n-checkpoints, older ones are deleted once this one is complete."""
         self.engine.save(directory, iteration, self.consumed_samples)
+        self.last_saved = iteration
+        keep = self.config.train.keep_last_n_checkpoints
+        if keep and self.ps.rank == 0:
+            prune_checkpoints(directory, keep)
 
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
         to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
         loaded = self.engine.load(directory)
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        self.last_saved = loaded.iteration
         return loaded.rng_state
 
     def attach_data(self) -> None:
@@ -226,6 +239,10 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
             print(dry_run(config, launch.world_size), flush=True)
         raise SystemExit(0)
     raise_if(environment_problems(config))
+    if config.train.load and not has_checkpoint(config.train.load, config.parallel.deepspeed):
+        if launch.rank == 0 and log:
+            print(f" no checkpoint in --load {config.train.load}: training from scratch", flush=True)
+        config.train.load = None
     resolve_vocab(config)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -253,13 +270,28 @@ def pretrain(config: Config, log: bool = True) -> TrainResult:
 
 
 def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = True) -> TrainResult:
+    """Train from the trainer's start iteration to the end (or an exit flag), then save the final checkpoint."""
+    t = config.train
+    total_iters = train_iters(config, ps.dp_size)
+    control = RunControl(t, None, trainer.device)
+    try:
+        result = _iterate(config, trainer, ps, log, total_iters, control)
+    finally:
+        control.close()
+    if t.save and result.exit_reason is None and trainer.last_saved < total_iters:
+        trainer.save(t.save, total_iters)
+    result.consumed_samples = trainer.consumed_samples
+    return result
+
+
+def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, total_iters: int,
+             control: RunControl) -> TrainResult:
+    """The iterations, their log lines, evaluations and checkpoints, until --train-iters or an exit flag."""
     t = config.train
     is_logger = log and ps.rank == ps.world_size - 1  # the last rank holds the loss (Megatron prints there)
     board = TensorBoardLog(t.tensorboard_dir if is_logger else None)
-    total_iters = train_iters(config, ps.dp_size)
     result = TrainResult()
     window_start, window_losses, window_iters, window_samples = time.perf_counter(), [], 0, 0
-    last_saved = trainer.start_iteration
     for iteration in range(trainer.start_iteration + 1, total_iters + 1):
         gbs = trainer.global_batch_size
         loss, ok, grad_norm = trainer.train_step()
@@ -295,11 +327,14 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
             board.validation(iteration, val)
         if t.save and t.save_interval and iteration % t.save_interval == 0:
             trainer.save(t.save, iteration)
-            last_saved = iteration
+        if control.should_exit(iteration):
+            if t.save and trainer.last_saved < iteration:
+                trainer.save(t.save, iteration)
+            if ps.rank == 0 and log:
+                print(f" exiting after iteration {iteration}: {control.reason}", flush=True)
+            result.exit_reason = control.reason
+            break
         window_start += time.perf_counter() - paused_at
-    if t.save and last_saved < total_iters:
-        trainer.save(t.save, total_iters)
-    result.consumed_samples = trainer.consumed_samples
     board.close()
     return result
 

@@ -28,3 +28,14 @@ def test_unknown_example_size_is_refused():
     run = subprocess.run(["bash", os.path.join(REPO, "examples", "gpt_args.sh"), "7b"], capture_output=True,
                          text=True)
     assert run.returncode == 2 and "unknown model size 7b" in run.stderr
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt.sbatch", "pretrain_gpt_torchrun.sh", "run_cpu_demo.sh"])
+def test_launch_scripts_parse_and_pass_the_run_control_flags(script):
+    path = os.path.join(REPO, "examples", script)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    if script != "run_cpu_demo.sh":     # cluster scripts: resume or start fresh from one directory, save on SIGTERM
+        assert '--load "$CHECKPOINT_DIR"' in text and "--exit-signal-handler" in text
+    if script.endswith(".sbatch"):
+        assert "#SBATCH --signal=TERM@" in text and "scontrol requeue" in text

@@ -157,3 +157,20 @@ def checkpoint_format_problem(directory: str, deepspeed: bool) -> Optional[str]:
         return (f"--load {directory} holds a DeepSpeed checkpoint ('{DS_TRACKER}' file) but --deepspeed was not "
                 f"given: resume it with --deepspeed --deepspeed-config")
     return None
+
+
+def has_checkpoint(directory: str, deepspeed: bool = False) -> bool:
+    """Whether `--load directory` has a complete checkpoint to resume. A missing or empty directory has none (the
+    run starts from scratch, as Megatron does, so one script can pass --save X --load X from the first run on);
+    checkpoint folders without the tracker file that marks one complete are an error, not a fresh start."""
+    tracker = DS_TRACKER if deepspeed else TRACKER_FILE
+    if os.path.isfile(os.path.join(directory, tracker)):
+        return True
+    if not os.path.isdir(directory):
+        return False
+    folders = sorted(n for n in os.listdir(directory) if n.startswith(("iter_", "global_step")))
+    if folders:
+        raise CheckpointError(f"--load {directory} holds checkpoint folders ({', '.join(folders[:3])}) but no "
+                              f"{tracker}: no save there completed (or the tracker was deleted). Write the iteration "
+                              f"to resume into {tracker}, or point --load elsewhere")
+    return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 from megagpt.checkpoint.format import (FORMAT_VERSION, METADATA_FILE, MODEL_FILE, TRACKER_FILE, CheckpointError,
                                        check_compatible, is_converted, iteration_dir, layout_of, model_key,
-                                       read_metadata, rng_file, shard_dir, zero_shard_file)
+                                       read_metadata, read_tracker, rng_file, shard_dir, zero_shard_file)
 from megagpt.config import Config
 from megagpt.fileio import atomic_torch_save, atomic_write_text
 from megagpt.parallel import comm
@@ -122,27 +123,33 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
     optimizer its "optimizer" part is this DP rank's ZeRO shard. Collective: every rank must call it.
     Returns the iteration directory."""
     zero = config.parallel.use_distributed_optimizer
+    save_optim, save_rng = not config.train.no_save_optim, not config.train.no_save_rng
     layout = layout_of(ps, len(chunks), zero)
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
     os.makedirs(folder, exist_ok=True)
     tensors = _gather_tensor_info(chunks, ps)           # collective: before any rank can fail on a write
-    rng = get_rng_state(tracker)
-    optim_state = _to_cpu(optimizer.state_dict())
+    rng = get_rng_state(tracker) if save_rng else None
+    optim_state = _to_cpu(optimizer.state_dict()) if save_optim else None
     if ps.dp_rank == 0:
         state = {"iteration": iteration, "consumed_samples": consumed_samples, "checkpoint_version": FORMAT_VERSION,
-                 "config": config.to_dict(), "layout": layout, "rng_state": rng,
-                 "opt_param_scheduler": optim_state["scheduler"]}
+                 "config": config.to_dict(), "layout": layout}
         for c, chunk in enumerate(chunks):
             state[model_key(c, len(chunks))] = _to_cpu(chunk.state_dict())
-        if not zero:
-            state["optimizer"] = optim_state
+        if save_rng:
+            state["rng_state"] = rng
+        if save_optim:
+            state["opt_param_scheduler"] = optim_state["scheduler"]
+            if not zero:
+                state["optimizer"] = optim_state
         atomic_torch_save(state, os.path.join(folder, MODEL_FILE))
-    if zero:
+    if zero and save_optim:
         atomic_torch_save({"iteration": iteration, "layout": layout, "optimizer": optim_state},
                           zero_shard_file(folder, ps.dp_rank))
-    atomic_torch_save(rng, rng_file(folder, ps.dp_rank))
+    if save_rng:
+        atomic_torch_save(rng, rng_file(folder, ps.dp_rank))
     if ps.rank == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                "has_optimizer": save_optim, "has_rng": save_rng,
                 "layout": layout, "tokenizer_type": config.data.tokenizer_type,
                 "padded_vocab_size": getattr(chunks[0], "padded_vocab", None),
                 "config": config.to_dict(), "tensors": tensors}
@@ -171,6 +178,7 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     ranks fail alike."""
     meta = read_metadata(directory, iteration)
     check_compatible(meta, config, ps, len(chunks))
+    load_optim, load_rng = _check_loadable(meta, config)
     iteration = meta["iteration"]
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
     state = _load_file(os.path.join(folder, MODEL_FILE))
@@ -179,17 +187,32 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
         if key not in state:
             raise CheckpointError(f"{folder}/{MODEL_FILE} has no {key!r} (keys: {sorted(state)})")
         chunk.load_state_dict(state[key], strict=True)   # copies in place: params stay views of their buffers
-    if is_converted(meta["layout"]):
-        weights = {n: t for key in keys for n, t in state[key].items()}
+    weights = {n: t for key in keys for n, t in state[key].items()}
+    if not load_optim:     # fresh optimizer and schedule, fp32 masters from the loaded weights (not their rounding)
+        optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), None, weights))
+    elif is_converted(meta["layout"]):
         optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), state.get("optimizer"), weights))
-        return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=None)
-    if config.parallel.use_distributed_optimizer:
-        optim_state = _load_file(zero_shard_file(folder, ps.dp_rank))["optimizer"]
+    elif config.parallel.use_distributed_optimizer:
+        optimizer.load_state_dict(_load_file(zero_shard_file(folder, ps.dp_rank))["optimizer"])
     else:
-        optim_state = state["optimizer"]
-    optimizer.load_state_dict(optim_state)               # after the model: fp32 masters overwrite bf16 rounding
-    rng = _load_file(rng_file(folder, ps.dp_rank))
+        optimizer.load_state_dict(state["optimizer"])   # after the model: fp32 masters overwrite bf16 rounding
+    rng = _load_file(rng_file(folder, ps.dp_rank)) if load_rng and not is_converted(meta["layout"]) else None
+    if config.train.finetune:   # weights only: training starts over on its own data and schedule
+        return LoadedCheckpoint(iteration=0, consumed_samples=0, rng_state=None)
     return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
+
+
+def _check_loadable(meta: dict, config: Config) -> tuple[bool, bool]:
+    """Whether to load optimizer state and RNG states; CheckpointError when the checkpoint lacks what is asked."""
+    t = config.train
+    load_optim, load_rng = not (t.finetune or t.no_load_optim), not (t.finetune or t.no_load_rng)
+    if load_optim and not meta.get("has_optimizer", True):
+        raise CheckpointError(f"the checkpoint of iteration {meta['iteration']} holds no optimizer state (saved with "
+                              f"--no-save-optim): pass --no-load-optim or --finetune")
+    if load_rng and not meta.get("has_rng", True) and not is_converted(meta["layout"]):
+        raise CheckpointError(f"the checkpoint of iteration {meta['iteration']} holds no RNG states (saved with "
+                              f"--no-save-rng): pass --no-load-rng or --finetune")
+    return load_optim, load_rng
 
 
 def _own_optimizer_state(fresh: dict, saved: Optional[dict], weights: dict[str, torch.Tensor]) -> dict:
@@ -222,3 +245,16 @@ def _own_slice(value: Any, where: dict, flat: bool) -> Any:
         return value
     part = value.reshape(-1)[where["start"]:where["end"]]
     return part.clone() if flat else part.view(where["shape"]).clone()
+
+
+def prune_checkpoints(directory: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (--keep-last-n-checkpoints); returns the deleted
+    iterations. Called after the tracker names the newest, so an interrupted save never costs an older one, and
+    iterations newer than the tracker (a save in progress) are left alone."""
+    latest = read_tracker(directory)
+    complete = sorted(int(n[len("iter_"):]) for n in os.listdir(directory)
+                      if n.startswith("iter_") and n[len("iter_"):].isdigit() and int(n[len("iter_"):]) <= latest)
+    doomed = complete[:-keep] if keep > 0 else []
+    for iteration in doomed:
+        shutil.rmtree(iteration_dir(directory, iteration))
+    return doomed
