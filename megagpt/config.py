@@ -348,8 +348,6 @@ def run_length_problems(config: Config, dp_size: int) -> list[str]:
     if t.train_iters is not None:
         mixed = [f for f, v in (("--lr-decay-samples", o.lr_decay_samples), ("--lr-warmup-samples", o.lr_warmup_samples),
                                 ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples)) if v]
-        if t.rampup_batch_size:
-            mixed.append("--rampup-batch-size (Megatron ramps only sample-based runs)")
         problems += [f"{flag} needs --train-samples, not --train-iters" for flag in mixed]
     else:
         problems += [f"{flag} needs --train-iters, not --train-samples" for flag, v in
