@@ -171,8 +171,22 @@ class DataConfig:
     vocab_file: Optional[str] = arg(None, "GPT-2 encoder.json/vocab.json (default: the bundled GPT-2 files)")
     merge_file: Optional[str] = arg(None, "GPT-2 vocab.bpe/merges.txt (default: the bundled GPT-2 files)")
     tokenizer_model: Optional[str] = arg(None, "HF tokenizer.json for HuggingFaceTokenizer")
+    train_data_path: list = arg([], "training data only (prefixes, optionally weighted): instead of --data-path "
+                                "with --split", nargs="*")
+    valid_data_path: list = arg([], "validation data only (prefixes, optionally weighted)", nargs="*")
+    test_data_path: list = arg([], "test data only (prefixes, optionally weighted)", nargs="*")
     data_cache_path: Optional[str] = arg(None, "where sample-index caches go (default: beside the data)")
     num_workers: int = arg(0, "DataLoader worker processes")
+    dataloader_type: str = arg("single", "single: each sample once in order (resumable, layout-independent); cyclic: "
+                               "Megatron's per-epoch shuffle within each DP rank's bucket", choices=["single", "cyclic"])
+    num_dataset_builder_threads: int = arg(1, "accepted for Megatron scripts: index building here is one C++ pass "
+                                           "per dataset, built once by local rank 0")
+    mmap_bin_files: bool = arg(True, "memory-map the .bin files (off: read them into memory)",
+                               flag="--no-mmap-bin-files")
+    eod_mask_loss: bool = arg(False, "leave out of the loss the positions whose input token is end-of-document")
+    reset_position_ids: bool = arg(False, "restart position ids after each end-of-document (not supported yet)")
+    reset_attention_mask: bool = arg(False, "document-causal attention (not supported yet)")
+
 
 
 @dataclass
@@ -486,15 +500,35 @@ def validate(config: Config, world_size: int) -> None:
     problems += [f"{flag} must be positive, got {value}" for flag, value in (
         ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints), ("--exit-interval", t.exit_interval),
         ("--exit-duration-in-mins", t.exit_duration_in_mins)) if value is not None and value <= 0]
-    if not d.mock_data and not d.data_path:
-        problems.append("no --data-path given (or pass --mock-data)")
+    problems += data_problems(d)
     raise_if(problems)
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    """Where the data comes from, and the Megatron data options megagpt does not run yet."""
+    split_paths = d.train_data_path or d.valid_data_path or d.test_data_path
+    problems = []
+    if d.data_path and split_paths:
+        problems.append("give --data-path (with --split) or --train/--valid/--test-data-path, not both")
+    elif not d.mock_data and not d.data_path and not d.train_data_path:
+        problems.append("no --data-path or --train-data-path given (or pass --mock-data)")
+    problems += [f"{flag} is not supported yet: drop it (documents are packed with causal attention across "
+                 f"boundaries and learned positions count from the sample start, as Megatron's default)"
+                 for flag, on in (("--reset-position-ids", d.reset_position_ids),
+                                  ("--reset-attention-mask", d.reset_attention_mask)) if on]
+    return problems
 
 
 def raise_if(problems: list[str], heading: str = "invalid configuration") -> None:
     """One ConfigError listing every problem (nothing when the list is empty)."""
     if problems:
         raise ConfigError(f"{heading}:\n  - " + "\n  - ".join(problems))
+
+
+def all_data_prefixes(d: DataConfig) -> list[str]:
+    """Every dataset prefix a run reads: --data-path's and the per-split paths'."""
+    return [p for path in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path)
+            for p in data_prefixes(path)]
 
 
 def data_prefixes(data_path: list) -> list[str]:

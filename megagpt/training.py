@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from megagpt.checkpoint.format import CheckpointError, checkpoint_format_problem, has_checkpoint
 from megagpt.checkpoint.sharded import prune_checkpoints, set_rng_state
-from megagpt.config import (Config, ConfigError, data_prefixes, final_global_batch_size, global_batch_size_at,
+from megagpt.config import (Config, ConfigError, all_data_prefixes, final_global_batch_size, global_batch_size_at,
                             num_microbatches, num_model_chunks, raise_if, train_iters, train_samples, validate)
-from megagpt.data.gpt_dataset import MockGPTDataset, build_train_valid_test_datasets
+from megagpt.data.gpt_dataset import MockGPTDataset, build_dataset, build_train_valid_test_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
@@ -53,7 +53,7 @@ class TrainResult:
 def environment_problems(config: Config) -> list[str]:
     """What the file system says against the config: missing data or DeepSpeed config files, a --load directory
     written by the other engine. (Arithmetic rules are config.validate's.)"""
-    problems = [f"data file {prefix + ext} does not exist" for prefix in data_prefixes(config.data.data_path)
+    problems = [f"data file {prefix + ext} does not exist" for prefix in all_data_prefixes(config.data)
                 for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
     p = config.parallel
     if p.deepspeed and p.deepspeed_config and not os.path.exists(p.deepspeed_config):
@@ -67,6 +67,12 @@ def environment_problems(config: Config) -> list[str]:
         except CheckpointError as exc:
             problems.append(str(exc))
     return problems
+
+
+def eod_token(config: Config) -> int:
+    """The tokenizer's end-of-document id."""
+    d = config.data
+    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model).eod
 
 
 def resolve_vocab(config: Config) -> None:
@@ -83,7 +89,7 @@ def resolve_vocab(config: Config) -> None:
         config.model.vocab_size = tokenizer.vocab_size
     if d.mock_data:
         return
-    for prefix in data_prefixes(d.data_path):
+    for prefix in all_data_prefixes(d):
         try:
             ds = IndexedDataset(prefix)
         except IndexedDatasetError as exc:
@@ -96,17 +102,20 @@ def resolve_vocab(config: Config) -> None:
 
 
 class MicroBatches:
-    """Pulls one step's micro-batches from a loader and slices them into (tokens, labels)."""
+    """Pulls one step's micro-batches from a loader and slices them into (tokens, labels, loss mask); with
+    `masked_token` (the end-of-document id under --eod-mask-loss) positions whose input is that token don't count."""
 
-    def __init__(self, loader, device: torch.device) -> None:
+    def __init__(self, loader, device: torch.device, masked_token: Optional[int] = None) -> None:
         self.iterator: Iterator = iter(loader)
-        self.device = device
+        self.device, self.masked_token = device, masked_token
 
     def next_step(self, count: int) -> list[MicroBatch]:
         batches = []
         for _ in range(count):
             text = next(self.iterator)["text"].to(self.device, non_blocking=True)   # [b, s+1]
-            batches.append((text[:, :-1].contiguous(), text[:, 1:].contiguous()))  # [b, s], [b, s]
+            tokens = text[:, :-1].contiguous()                                      # [b, s]
+            mask = None if self.masked_token is None else (tokens != self.masked_token).float()   # [b, s]
+            batches.append((tokens, text[:, 1:].contiguous(), mask))
         return batches
 
 
@@ -119,8 +128,12 @@ def build_datasets(config: Config, launch: LaunchEnv, dp_size: int):
     if d.mock_data:
         return tuple(MockGPTDataset(n, m.seq_length, m.vocab_size, config.train.seed + i) if n else None
                      for i, n in enumerate(samples))
-    return build_train_valid_test_datasets(d.data_path, d.split, samples, m.seq_length, t.seed,
-                                           cache_dir=d.data_cache_path, is_builder=launch.local_rank == 0)
+    where = dict(cache_dir=d.data_cache_path, is_builder=launch.local_rank == 0, mmap_bin=d.mmap_bin_files)
+    if d.data_path:
+        return build_train_valid_test_datasets(d.data_path, d.split, samples, m.seq_length, t.seed, **where)
+    paths = (d.train_data_path, d.valid_data_path, d.test_data_path)
+    return tuple(build_dataset(path, k, n, m.seq_length, t.seed, **where) if path and n else None
+                 for k, (path, n) in enumerate(zip(paths, samples)))
 
 
 class Trainer:
@@ -161,11 +174,12 @@ class Trainer:
         """Loaders positioned at consumed_samples (after a resume), only on stages that read tokens or labels."""
         if not (self.ps.is_first_stage or self.ps.is_last_stage):
             return
-        t = self.config.train
+        t, d = self.config.train, self.config.data
         train, valid, _ = self.datasets
+        masked = eod_token(self.config) if d.eod_mask_loss else None
         make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
-            ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, self.config.data.num_workers),
-            self.device)
+            ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, d.num_workers,
+            cyclic=d.dataloader_type == "cyclic"), self.device, masked)
         # A run resumed at its last iteration has nothing left to train on.
         self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
         self.valid_data = make(valid, 0) if valid is not None else None

@@ -80,3 +80,29 @@ def test_data_loader_yields_long_batches(num_workers):
         first = 8 + step * 4 + 2  # window start + rank offset
         expected = np.stack([dataset[first]["text"], dataset[first + 1]["text"]])
         torch.testing.assert_close(text, torch.from_numpy(expected))
+
+
+# ---- --dataloader-type cyclic --------------------------------------------------------------------------------
+from megagpt.data.sampler import CyclicSampler  # noqa: E402
+
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_cyclic_covers_each_bucket_once_per_epoch_and_ranks_are_disjoint():
+    total, micro, dp = 26, 2, 3                      # 24 usable samples: a bucket of 8 per rank, 4 batches each
+    per_rank = [_take(CyclicSampler(total, 0, micro, r, dp), 8) for r in range(dp)]
+    for r, batches in enumerate(per_rank):
+        first, second = sum(batches[:4], []), sum(batches[4:], [])
+        assert sorted(first) == sorted(second) == list(range(8 * r, 8 * r + 8))
+        assert first != second                       # a new permutation every epoch
+    assert not set(sum(per_rank[0], [])) & set(sum(per_rank[1], []))
+
+
+def test_cyclic_resumes_mid_epoch_where_it_left_off():
+    micro, dp = 2, 2
+    straight = _take(CyclicSampler(20, 0, micro, 1, dp), 7)
+    consumed = 3 * micro * dp                        # three steps of one micro-batch per rank done
+    assert _take(CyclicSampler(20, consumed, micro, 1, dp), 4) == straight[3:]

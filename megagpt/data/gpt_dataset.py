@@ -306,12 +306,12 @@ def _parse_data_prefix(data_prefix: Sequence[str]) -> tuple[list[str], list[floa
     return items[1::2], [w / total for w in weights]
 
 
-def _build_split_datasets(prefix, split, num_samples, seq_length, seed, cache_dir, is_builder) -> list:
+def _build_split_datasets(prefix, split, num_samples, seq_length, seed, cache_dir, is_builder, mmap_bin=True) -> list:
     if not IndexedDataset.exists(prefix):
         raise FileNotFoundError(
             f"dataset prefix {prefix!r} not found: expected {data_file_path(prefix)} and {index_file_path(prefix)}"
         )
-    indexed = IndexedDataset(prefix)
+    indexed = IndexedDataset(prefix, mmap_bin=mmap_bin)
     ranges = split_document_ranges(parse_split(split), len(indexed))
     out = []
     for name, (begin, end), n in zip(SPLIT_NAMES, ranges, num_samples):
@@ -330,22 +330,38 @@ def build_train_valid_test_datasets(
     seed: int,
     cache_dir: Optional[str] = None,
     is_builder: bool = True,
+    mmap_bin: bool = True,
 ) -> tuple:
     """(train, valid, test) datasets; a split with no documents is None; several prefixes are blended."""
-    prefixes, weights = _parse_data_prefix(data_prefix)
     nums = [int(n) for n in train_valid_test_num_samples]
     if len(nums) != 3 or any(n < 0 for n in nums):
         raise ValueError(f"train_valid_test_num_samples must be three counts >= 0, got {train_valid_test_num_samples}")
+    return _blend(data_prefix, split, nums, seq_length, seed, cache_dir, is_builder, mmap_bin)
+
+
+def build_dataset(data_prefix: list[str], split_index: int, num_samples: int, seq_length: int, seed: int,
+                  cache_dir: Optional[str] = None, is_builder: bool = True, mmap_bin: bool = True):
+    """One split's dataset over whole files (Megatron's --train-data-path / --valid-data-path / --test-data-path,
+    each optionally a weighted blend): every document of the files belongs to split `split_index` (0, 1, 2)."""
+    nums = [num_samples if k == split_index else 0 for k in range(3)]
+    split = ",".join("1" if k == split_index else "0" for k in range(3))
+    return _blend(data_prefix, split, nums, seq_length, seed, cache_dir, is_builder, mmap_bin)[split_index]
+
+
+def _blend(data_prefix, split, nums, seq_length, seed, cache_dir, is_builder, mmap_bin) -> tuple:
+    prefixes, weights = _parse_data_prefix(data_prefix)
     if len(prefixes) == 1:
-        return tuple(_build_split_datasets(prefixes[0], split, nums, seq_length, seed, cache_dir, is_builder))
+        return tuple(_build_split_datasets(prefixes[0], split, nums, seq_length, seed, cache_dir, is_builder,
+                                           mmap_bin))
     per_prefix = []
     for prefix, w in zip(prefixes, weights):
         inflated = [int(math.ceil(n * w * BLEND_OVERSAMPLE)) for n in nums]
-        per_prefix.append(_build_split_datasets(prefix, split, inflated, seq_length, seed, cache_dir, is_builder))
+        per_prefix.append(_build_split_datasets(prefix, split, inflated, seq_length, seed, cache_dir, is_builder,
+                                                mmap_bin))
     blended = []
     for k in range(3):
         members = [(ds[k], w) for ds, w in zip(per_prefix, weights) if ds[k] is not None]
-        if not members:
+        if not members or not nums[k]:
             blended.append(None)
             continue
         blended.append(BlendedDataset([m for m, _ in members], [w for _, w in members], nums[k]))

@@ -175,14 +175,21 @@ def _map_file(path: str) -> Optional[mmap.mmap]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def _read_file(path: str) -> Optional[bytes]:
+    """A whole file in memory; None for an empty file (as _map_file)."""
+    with open(path, "rb") as f:
+        return f.read() or None
+
+
 class IndexedDataset:
     """Memory-mapped reader for ``<prefix>.bin/.idx``; items are read-only views into the .bin.
 
     ``validate=False`` skips the O(S) consistency walk (pointers vs lengths, monotone document
-    indices) for huge corpora; the header, sizes and last-pointer checks always run.
+    indices) for huge corpora; the header, sizes and last-pointer checks always run. ``mmap_bin=False``
+    (Megatron's --no-mmap-bin-files) reads the .bin into memory instead, for file systems where mapping is slow.
     """
 
-    def __init__(self, prefix: str, validate: bool = True) -> None:
+    def __init__(self, prefix: str, validate: bool = True, mmap_bin: bool = True) -> None:
         self.prefix = prefix
         self._validate_all = validate
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
@@ -192,7 +199,7 @@ class IndexedDataset:
                     f"indexed dataset {prefix!r} not found: expected {bin_path} and {idx_path}; missing {path}"
                 )
         self._idx_map = _map_file(idx_path)
-        self._bin_map = _map_file(bin_path)
+        self._bin_map = _map_file(bin_path) if mmap_bin else _read_file(bin_path)
         self._parse_index(idx_path)
         self._check_bin(bin_path)
 

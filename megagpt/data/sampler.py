@@ -74,6 +74,39 @@ class PretrainingSampler:
         return full + int(tail > self.data_parallel_rank * self.micro_batch_size)
 
 
+class CyclicSampler:
+    """Megatron's `--dataloader-type cyclic` (MegatronPretrainingRandomSampler): the dataset (less a last partial
+    window) is cut into one bucket per DP rank; every epoch each rank walks its bucket in the order of a permutation
+    seeded by the epoch number, forever. Resumes from ``consumed_samples`` (all ranks together). Unlike the single
+    sampler, which samples a rank sees depends on the DP size."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                 data_parallel_size: int) -> None:
+        self.window = micro_batch_size * data_parallel_size
+        if total_samples < self.window:
+            raise ValueError(f"the dataset has {total_samples} samples, fewer than one window of micro-batch-size "
+                             f"{micro_batch_size} x data-parallel size {data_parallel_size}")
+        self.micro_batch_size, self.rank, self.dp = micro_batch_size, data_parallel_rank, data_parallel_size
+        self.active = total_samples - total_samples % self.window
+        self.bucket = self.active // data_parallel_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        consumed = self.consumed_samples
+        while True:
+            epoch, in_epoch = divmod(consumed, self.active)
+            generator = torch.Generator().manual_seed(epoch)
+            order = torch.randperm(self.bucket, generator=generator).tolist()
+            start = self.rank * self.bucket
+            for offset in range(in_epoch // self.dp, self.bucket, self.micro_batch_size):
+                batch = order[offset:offset + self.micro_batch_size]
+                if len(batch) < self.micro_batch_size:
+                    break
+                yield [start + i for i in batch]
+                consumed += self.window
+            consumed = (epoch + 1) * self.active
+
+
 def _collate_text(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack ``{"text": int64 [s+1]}`` items into ``{"text": LongTensor [b, s+1]}``."""
     return {"text": torch.from_numpy(np.stack([item["text"] for item in items]).astype(np.int64, copy=False))}
@@ -87,9 +120,14 @@ def build_data_loader(
     dp_size: int,
     num_workers: int = 0,
     drop_last: bool = True,
+    cyclic: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader over this DP rank's micro-batches, resuming after ``consumed_samples`` samples."""
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
+    """DataLoader over this DP rank's micro-batches, resuming after ``consumed_samples`` samples (``cyclic``:
+    Megatron's shuffled, endless --dataloader-type cyclic)."""
+    if cyclic:
+        sampler = CyclicSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    else:
+        sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

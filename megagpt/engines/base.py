@@ -8,7 +8,16 @@ import torch.nn as nn
 
 from megagpt.checkpoint.sharded import LoadedCheckpoint
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, s], labels [b, s])
+# (tokens [b, s], labels [b, s], loss mask [b, s] or None: 1 where a position counts in the loss)
+MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+
+
+def token_mean(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """A micro-batch's loss: the mean over its tokens, or over the unmasked ones (--eod-mask-loss)."""
+    per_token_loss = per_token_loss.float()
+    if loss_mask is None:
+        return per_token_loss.mean()
+    return (per_token_loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
 class Engine(Protocol):

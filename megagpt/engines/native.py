@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from megagpt.config import Config
-from megagpt.engines.base import MicroBatch
+from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.optim.builder import TrainingOptimizer
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
@@ -34,12 +34,12 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
 
     def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
         model = chunks[chunk]
-        tokens, labels = batches[microbatch] if batches else (None, None)
+        tokens, labels, loss_mask = batches[microbatch] if batches else (None, None, None)
         out = model(tokens=tokens if model.pre_process else None, input_tensor=input_tensor,
                     labels=labels if model.post_process else None)
         if not model.post_process:
             return out, None
-        loss = out.float().mean()                    # token mean of this micro-batch
+        loss = token_mean(out, loss_mask)            # token mean of this micro-batch
         return loss * (loss_scale / count), loss.detach()
 
     losses = forward_backward(forward_step, count, ps, activation_shape(config, ps), params_dtype(config), device,
