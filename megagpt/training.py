@@ -148,6 +148,7 @@ class Trainer:
         self.num_microbatches = num_microbatches(config, ps.dp_size)
         self.engine: Engine = build_engine(config, self.chunks, ps, self.tracker, launch.local_rank)
         self.consumed_samples = 0
+        self.consumed_valid_samples = 0   # validation samples read so far: a resume continues from there
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.last_saved = 0        # the iteration of this run's newest checkpoint (or the one it resumed from)
         self.train_data = self.valid_data = None
@@ -156,7 +157,7 @@ class Trainer:
     def save(self, directory: str, iteration: int) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it); with
         --keep-last-n-checkpoints, older ones are deleted once this one is complete."""
-        self.engine.save(directory, iteration, self.consumed_samples)
+        self.engine.save(directory, iteration, self.consumed_samples, self.consumed_valid_samples)
         self.last_saved = iteration
         keep = self.config.train.keep_last_n_checkpoints
         if keep and self.ps.rank == 0:
@@ -167,6 +168,7 @@ class Trainer:
         to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
         loaded = self.engine.load(directory)
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        self.consumed_valid_samples = loaded.consumed_valid_samples
         self.last_saved = loaded.iteration
         return loaded.rng_state
 
@@ -182,7 +184,7 @@ class Trainer:
             cyclic=d.dataloader_type == "cyclic"), self.device, masked)
         # A run resumed at its last iteration has nothing left to train on.
         self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
-        self.valid_data = make(valid, 0) if valid is not None else None
+        self.valid_data = make(valid, self.consumed_valid_samples) if valid is not None else None
 
     def _next_batches(self, data: Optional[MicroBatches], count: int) -> list[MicroBatch]:
         return data.next_step(count) if data is not None else []
@@ -214,6 +216,8 @@ class Trainer:
         count = self.num_microbatches    # evaluation always uses the final global batch size
         losses = [self._mean_over_dp(self.engine.eval_step(self._next_batches(self.valid_data, count), count))
                   for _ in range(self.config.train.eval_iters)]
+        self.consumed_valid_samples += self.config.train.eval_iters * count * self.config.train.micro_batch_size * \
+            self.ps.dp_size
         return float(np.mean(losses))
 
 

@@ -37,6 +37,7 @@ def _train(**overrides):
     adam = trainer.engine.optimizer.optimizer.optimizer.state
     steps = sorted({int(s["step"]) for s in adam.values()}) if adam else []
     return dict(losses=result.losses, start=trainer.start_iteration, consumed=trainer.consumed_samples,
+                validation=result.validation_losses,
                 exit=result.exit_reason, weights=weights, adam_steps=steps)
 
 
@@ -70,6 +71,10 @@ def _options_worker(ckpt: str) -> dict:
         except CheckpointError as exc:
             out[name] = str(exc)
     out["lean"] = _train(load=lean, no_load_optim=True, no_load_rng=True)
+    evals = dict(eval_interval=2, eval_iters=1)
+    out["valid_straight"] = _train(**evals)
+    _train(train_iters=4, save=ckpt + "-valid", **evals)
+    out["valid_resumed"] = _train(load=ckpt + "-valid", **evals)
     out["interval"] = _train(save=ckpt + "-interval", exit_interval=2)
     out["after_interval"] = _train(load=ckpt + "-interval")
     return out
@@ -92,6 +97,9 @@ def test_load_save_and_exit_options(tmp_path):
     assert r["lean"]["start"] == 3
     assert r["interval"]["exit"] == "exit interval 2 reached" and r["interval"]["losses"] == straight[:2]
     assert r["after_interval"]["start"] == 2 and r["after_interval"]["losses"] == straight[2:]
+    # validation continues where it was: the resumed run's evaluation at 6 reads the batches the straight one did
+    assert len(r["valid_straight"]["validation"]) == 3
+    assert r["valid_resumed"]["validation"] == r["valid_straight"]["validation"][2:]
 
 
 # ---- SIGTERM: a rank, and the launcher ------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class LoadedCheckpoint:
     iteration: int
     consumed_samples: int
     rng_state: Optional[dict]     # None: a converted checkpoint, the run keeps its freshly seeded streams
+    consumed_valid_samples: int = 0   # validation continues where it was, not from the start of the split
 
 
 # ---- state pieces -------------------------------------------------------------------------------------------
@@ -116,7 +117,8 @@ def _gather_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
 
 # ---- save ---------------------------------------------------------------------------------------------------
 def save_checkpoint(directory: str, iteration: int, config: Config, ps: ParallelState, chunks: list[nn.Module],
-                    optimizer, tracker: tp_random.RNGStatesTracker, consumed_samples: int) -> str:
+                    optimizer, tracker: tp_random.RNGStatesTracker, consumed_samples: int,
+                    consumed_valid_samples: int = 0) -> str:
     """Write this rank's shards of iteration `iteration`, then (rank 0, after a barrier) the tracker file.
 
     `optimizer` is a TrainingOptimizer (`state_dict()` = {"optimizer", "scheduler"}); with the distributed
@@ -131,7 +133,8 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
     rng = get_rng_state(tracker) if save_rng else None
     optim_state = _to_cpu(optimizer.state_dict()) if save_optim else None
     if ps.dp_rank == 0:
-        state = {"iteration": iteration, "consumed_samples": consumed_samples, "checkpoint_version": FORMAT_VERSION,
+        state = {"iteration": iteration, "consumed_samples": consumed_samples,
+                 "consumed_valid_samples": consumed_valid_samples, "checkpoint_version": FORMAT_VERSION,
                  "config": config.to_dict(), "layout": layout}
         for c, chunk in enumerate(chunks):
             state[model_key(c, len(chunks))] = _to_cpu(chunk.state_dict())
@@ -199,7 +202,8 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     rng = _load_file(rng_file(folder, ps.dp_rank)) if load_rng and not is_converted(meta["layout"]) else None
     if config.train.finetune:   # weights only: training starts over on its own data and schedule
         return LoadedCheckpoint(iteration=0, consumed_samples=0, rng_state=None)
-    return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng)
+    return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng,
+                            consumed_valid_samples=int(state.get("consumed_valid_samples", 0)))
 
 
 def _check_loadable(meta: dict, config: Config) -> tuple[bool, bool]:

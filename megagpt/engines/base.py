@@ -35,7 +35,7 @@ class Engine(Protocol):
     def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:
         """Forward-only loss of one round of micro-batches."""
 
-    def save(self, directory: str, iteration: int, consumed_samples: int) -> None:
+    def save(self, directory: str, iteration: int, consumed_samples: int, consumed_valid_samples: int) -> None:
         """Write a checkpoint of this rank's state (collective: every rank calls it)."""
 
     def load(self, directory: str) -> LoadedCheckpoint:

@@ -194,7 +194,7 @@ class DeepSpeedEngine:
         return {"params": sum(local(p).numel() * p.element_size() for p in self.engine.module.parameters())}
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
-    def save(self, directory: str, iteration: int, consumed_samples: int) -> str:
+    def save(self, directory: str, iteration: int, consumed_samples: int, consumed_valid_samples: int) -> str:
         """Write the checkpoint of `iteration` (collective) and point `latest` at it only once it is complete.
 
         DeepSpeed writes under a temporary tag; after a barrier rank 0 flushes it, renames it to its final tag,
@@ -209,7 +209,8 @@ class DeepSpeedEngine:
             shutil.rmtree(tmp)                          # left by a crashed save: never pointed to
         dist.barrier()
         rng = get_rng_state(tracker)
-        client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "config": config.to_dict(),
+        client_state = {"iteration": iteration, "consumed_samples": consumed_samples,
+                        "consumed_valid_samples": consumed_valid_samples, "config": config.to_dict(),
                         "opt_param_scheduler": self.scheduler.state_dict(), "rng_state": rng}
         self.engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
         atomic_torch_save(rng, ds_rng_file(tmp, ps.rank))
@@ -261,4 +262,5 @@ class DeepSpeedEngine:
             raise CheckpointError(f"checkpoint shard {rng_path} is missing")
         rng = torch.load(rng_path, map_location="cpu", weights_only=False)
         return LoadedCheckpoint(iteration=int(client_state["iteration"]),
-                                consumed_samples=int(client_state["consumed_samples"]), rng_state=rng)
+                                consumed_samples=int(client_state["consumed_samples"]), rng_state=rng,
+                                consumed_valid_samples=int(client_state.get("consumed_valid_samples", 0)))

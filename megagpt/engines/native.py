@@ -75,9 +75,9 @@ class NativeEngine:
     def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:
         return run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=True)
 
-    def save(self, directory: str, iteration: int, consumed_samples: int) -> None:
+    def save(self, directory: str, iteration: int, consumed_samples: int, consumed_valid_samples: int) -> None:
         save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
-                        consumed_samples)
+                        consumed_samples, consumed_valid_samples)
 
     def load(self, directory: str) -> LoadedCheckpoint:
         return load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
