@@ -39,7 +39,29 @@ class ModelConfig:
     hidden_dropout: float = arg(0.1, "dropout on hidden states (residual branches, embeddings)")
     attention_dropout: float = arg(0.1, "dropout on attention probabilities")
     init_method_std: float = arg(0.02, "std of normal weight init (output projections scaled by 1/sqrt(2L))")
-    layernorm_epsilon: float = arg(1e-5, "LayerNorm epsilon")
+    layernorm_epsilon: float = arg(1e-5, "epsilon of every LayerNorm/RMSNorm (Megatron's --norm-epsilon)",
+                                   flag="--norm-epsilon", aliases=["--layernorm-epsilon"])
+    # ---- model variants (Megatron-LM's flags; defaults are GPT-2's) ----
+    position_embedding_type: str = arg("learned_absolute", "positions: learned_absolute (a learned table added to "
+                                       "the embeddings), rope (rotary, applied to q and k) or none",
+                                       choices=["learned_absolute", "rope", "none"])
+    rotary_base: int = arg(10000, "RoPE base theta: frequencies base^(-2i/d)")
+    rotary_percent: float = arg(1.0, "fraction of each head's dims that RoPE rotates (the rest pass through)")
+    rotary_interleaved: bool = arg(False, "RoPE rotates pairs (2i, 2i+1) (RoFormer/Meta) instead of (i, i+d/2) "
+                                   "(rotate-half: Megatron's and Hugging Face Llama's default)")
+    normalization: str = arg("LayerNorm", "norm of every block: LayerNorm (weight and bias) or RMSNorm (weight only)",
+                             choices=["LayerNorm", "RMSNorm"])
+    swiglu: bool = arg(False, "gated MLP silu(x W_gate) * (x W_up) instead of GELU (ffn default: 8h/3 rounded "
+                       "down to a multiple of 64, as Megatron)")
+    group_query_attention: bool = arg(False, "grouped-query attention: --num-query-groups key/value heads")
+    num_query_groups: int = arg(1, "key/value heads with --group-query-attention (each shared by heads/groups query "
+                                "heads; 1 = multi-query)")
+    untie_embeddings_and_output_weights: bool = arg(False, "give the LM head its own weight instead of the word "
+                                                    "embedding's")
+    disable_bias_linear: bool = arg(False, "no bias in any linear layer (QKV, output projection, MLP)")
+    add_qkv_bias: bool = arg(False, "keep the QKV bias under --disable-bias-linear (Qwen-style)")
+    qk_layernorm: bool = arg(False, "normalise each query and key head (over head_dim) with --normalization before "
+                             "attention")
     attention_softmax_in_fp32: bool = arg(True, "compute the attention softmax in fp32 under bf16/fp16")
     attention_backend: str = arg("auto", "attention core: flash (torch scaled_dot_product_attention: flash / memory-"
                                  "efficient kernels on GPU), fused (our fused softmax kernel; = Megatron's local), "
@@ -52,7 +74,38 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        """--ffn-hidden-size, else 4h, or with --swiglu Megatron's int(8h/3 / 64) * 64 (about 4h's parameters)."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: --num-query-groups with --group-query-attention, else one per query head."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of linear_qkv: the queries (h) plus one key and one value head per query group."""
+        return (self.num_attention_heads + 2 * self.query_groups) * self.head_dim
+
+    @property
+    def add_bias_linear(self) -> bool:
+        return not self.disable_bias_linear
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Megatron: --add-qkv-bias follows the linear bias unless --disable-bias-linear turns that off."""
+        return self.add_bias_linear or self.add_qkv_bias
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates: int(head_dim x --rotary-percent), as Megatron."""
+        return int(self.head_dim * self.rotary_percent)
 
     @property
     def attention_core(self) -> str:
@@ -215,11 +268,18 @@ SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConf
 
 
 def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
-    """Parameter count of the GPT model (tied embeddings counted once)."""
-    h, L, f = model.hidden_size, model.num_layers, model.ffn_size
+    """Parameter count of the GPT model (tied embeddings counted once; an untied LM head adds V h)."""
+    h, L, f, m = model.hidden_size, model.num_layers, model.ffn_size, model
     v = vocab_size if vocab_size is not None else model.vocab_size
-    per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # qkv+proj (w+b), fc1, fc2, two LayerNorms
-    return v * h + model.max_positions * h + L * per_layer + 2 * h
+    per_norm_element = 2 if m.normalization == "LayerNorm" else 1   # weight and bias, or RMSNorm's weight
+    norm = per_norm_element * h
+    fc1 = 2 * f if m.swiglu else f
+    per_layer = (m.qkv_size * h + (m.qkv_size if m.qkv_bias else 0) + h * h + fc1 * h + f * h   # GEMMs, QKV bias
+                 + ((h + fc1 + h) if m.add_bias_linear else 0)                                  # proj, fc1, fc2 bias
+                 + 2 * norm + (2 * per_norm_element * m.head_dim if m.qk_layernorm else 0))     # block, q/k norms
+    positions = model.max_positions * h if m.position_embedding_type == "learned_absolute" else 0
+    head = v * h if m.untie_embeddings_and_output_weights else 0
+    return v * h + positions + L * per_layer + norm + head
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -464,6 +524,8 @@ def validate(config: Config, world_size: int) -> None:
     problems += pipeline_schedule_problems(config)
     if m.hidden_size % m.num_attention_heads != 0:
         problems.append(f"hidden-size {m.hidden_size} is not divisible by num-attention-heads {m.num_attention_heads}")
+    else:
+        problems += variant_problems(m, tp)
     if m.seq_length > m.max_positions:
         problems.append(f"seq-length {m.seq_length} exceeds max-position-embeddings {m.max_positions}")
     if p.sequence_parallel and m.seq_length % tp != 0:
@@ -502,6 +564,32 @@ def validate(config: Config, world_size: int) -> None:
         ("--exit-duration-in-mins", t.exit_duration_in_mins)) if value is not None and value <= 0]
     problems += data_problems(d)
     raise_if(problems)
+
+
+# ---------------------------------------------------------------- model variants (issue #15: RoPE, GQA, SwiGLU, ...)
+
+def variant_problems(m: ModelConfig, tp: int, what: str = "") -> list[str]:
+    """What the model variant flags cannot build at tensor-parallel size `tp` (also asked by checkpoint conversion,
+    with `what` = "target ")."""
+    problems = []
+    heads, groups = m.num_attention_heads, m.query_groups
+    if m.group_query_attention:
+        if groups < 1 or heads % groups:
+            problems.append(f"num-attention-heads {heads} is not divisible by num-query-groups {groups}")
+        elif tp >= 1 and groups % tp:
+            problems.append(f"num-query-groups {groups} is not divisible by {what}tensor-model-parallel-size {tp}: "
+                            f"each TP rank must own whole key/value groups")
+    if m.position_embedding_type == "rope":
+        if not 0.0 < m.rotary_percent <= 1.0:
+            problems.append(f"--rotary-percent must be in (0, 1], got {m.rotary_percent}")
+        elif m.rotary_dim < 2 or m.rotary_dim % 2:
+            problems.append(f"RoPE rotates int(head dim {m.head_dim} x rotary-percent {m.rotary_percent}) = "
+                            f"{m.rotary_dim} dims: need an even number >= 2")
+        if m.rotary_base <= 0:
+            problems.append(f"--rotary-base must be positive, got {m.rotary_base}")
+    if m.layernorm_epsilon <= 0:
+        problems.append(f"--norm-epsilon must be positive, got {m.layernorm_epsilon}")
+    return problems
 
 
 def data_problems(d: DataConfig) -> list[str]:

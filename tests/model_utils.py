@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import ModelConfig
+from megagpt.model.transformer import glu_canonical_order, is_glu_fc1
 from megagpt.parallel.param_tags import is_tensor_parallel, tp_split_dim
 
 
@@ -38,21 +39,23 @@ def batch(seed: int, batch_size: int, seq_length: int, vocab: int) -> tuple[torc
     return text[:, :-1].contiguous(), text[:, 1:].contiguous()
 
 
-def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
-    """The full tensor of a TP-split parameter (or the tensor itself when replicated)."""
+def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, group, glu: bool = False) -> torch.Tensor:
+    """The full tensor of a TP-split parameter (or the tensor itself when replicated); `glu`: SwiGLU's fc1, whose
+    TP shards are each `[gate_r | up_r]`, is returned in the single-rank order `[gate | up]`."""
     if not is_tensor_parallel(param) or dist.get_world_size(group) == 1:
         return tensor.detach().clone()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=tp_split_dim(param))
+    full = torch.cat(parts, dim=tp_split_dim(param))
+    return glu_canonical_order(full, len(parts)) if glu else full
 
 
 def full_state(model: torch.nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:
-    """name -> full (TP-gathered) parameter or gradient."""
+    """name -> full (TP-gathered, single-rank order) parameter or gradient."""
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p
         if grads and t is None:
             t = torch.zeros_like(p)
-        out[name] = gather_tp(t, p, group)
+        out[name] = gather_tp(t, p, group, glu=is_glu_fc1(name, model.cfg))
     return out

@@ -1,5 +1,6 @@
 """GPT model: loss at init, TP (+ sequence parallel) forward/backward equal to the single-rank model."""
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -26,8 +27,8 @@ def _loss_and_grads(model, ps, cfg):
     return loss.item(), full_state(model, ps.tp_group), full_state(model, ps.tp_group, grads=True)
 
 
-def _tp_vs_single(tp: int, sequence_parallel: bool):
-    cfg = tiny_model_config()
+def _tp_vs_single(tp: int, sequence_parallel: bool, variant: Optional[dict] = None):
+    cfg = tiny_model_config(**(variant or {}))
     torch.manual_seed(0)
     reference = _model(cfg, ParallelState(tp=1))
     ps = ParallelState(tp=tp)
@@ -46,6 +47,43 @@ def _tp_vs_single(tp: int, sequence_parallel: bool):
 def test_tensor_parallel_matches_single_rank(tp, sp):
     losses = run_distributed(_tp_vs_single, tp, tp, sp)
     assert len(set(losses)) == 1  # every TP rank reports the same loss
+
+
+LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, group_query_attention=True,
+             num_query_groups=2, untie_embeddings_and_output_weights=True, disable_bias_linear=True)
+VARIANTS = {
+    "llama-flash": LLAMA,
+    "llama-unfused": dict(LLAMA, attention_backend="unfused"),
+    "llama-fused": dict(LLAMA, attention_backend="fused"),
+    # q/k norms (grads summed over TP), a QKV bias alone, partial and interleaved RoPE, multi-query attention
+    "qk-norm-qkv-bias-partial-rope": dict(LLAMA, qk_layernorm=True, add_qkv_bias=True, rotary_percent=0.5,
+                                          rotary_interleaved=True),
+    "layernorm-gqa-no-positions": dict(group_query_attention=True, num_query_groups=2, qk_layernorm=True,
+                                       position_embedding_type="none", swiglu=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("sp", [False, True])
+def test_model_variants_under_tensor_parallel_match_single_rank(variant, sp):
+    """Grouped QKV rows give each TP rank whole key/value groups, SwiGLU's fc1 shards are [gate_r | up_r], RoPE
+    rotates each rank's heads after the SP all-gather: init, loss and every grad equal the single-rank model."""
+    losses = run_distributed(_tp_vs_single, 2, 2, sp, VARIANTS[variant])
+    assert len(set(losses)) == 1
+
+
+def _count_params(configs):
+    return [sum(p.numel() for p in _model(cfg, ParallelState(tp=1)).parameters()) for cfg in configs]
+
+
+def test_variant_parameter_counts_match_the_model():
+    """config.num_parameters (the planner's and the presets' count) equals the built model's, for every variant."""
+    from megagpt.config import num_parameters
+    from megagpt.parallel.layers import pad_vocab_size
+
+    configs = [tiny_model_config(**variant) for variant in [{}, *VARIANTS.values()]]
+    counts = run_distributed(_count_params, 1, configs)[0]
+    assert counts == [num_parameters(cfg, pad_vocab_size(cfg.vocab_size, 1)) for cfg in configs]
 
 
 def _init_loss():

@@ -14,6 +14,8 @@ import torch
 
 from distributed import run_distributed
 from model_utils import gather_tp
+from megagpt.model.transformer import is_glu_fc1
+from megagpt.parallel.param_tags import is_embedding_copy
 from megagpt.training import config_for_test, setup, train_loop
 
 STEPS = 5
@@ -22,8 +24,8 @@ CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shake
 TIED_COPY = "tied copy of embedding.word_embeddings.weight"
 
 
-def _config(tp=1, pp=1, vl=None, sp=False, zero=0, overlap=False, schedule=None, layers=4):
-    return config_for_test(
+def _config(tp=1, pp=1, vl=None, sp=False, zero=0, overlap=False, schedule=None, layers=4, **model):
+    return config_for_test(**model,
         num_layers=layers, pipeline_schedule=schedule, hidden_size=64, num_attention_heads=4, seq_length=16,
         max_position_embeddings=16,
         vocab_size=500, hidden_dropout=0.0, attention_dropout=0.0,
@@ -43,8 +45,8 @@ def _train(config):
     for chunk in trainer.chunks:
         for name, p in chunk.named_parameters():
             # the last stage's copy of the tied embedding is checked against the first stage's original
-            key = TIED_COPY if name == "output_layer.weight" else name
-            weights[key] = gather_tp(p.float(), p, ps.tp_group)
+            key = TIED_COPY if is_embedding_copy(p) else name
+            weights[key] = gather_tp(p.float(), p, ps.tp_group, glu=is_glu_fc1(name, config.model))
     return result.losses, result.grad_norms, weights, ps.dp_rank
 
 
@@ -59,7 +61,12 @@ def reference(layers=4):
 
 
 def _check_against_reference(results, layers=4):
-    ref_losses, ref_norms, ref_weights, _ = reference(layers)
+    compare_to_reference(results, reference(layers))
+
+
+def compare_to_reference(results, ref):
+    """Every rank's losses and grad norms, and every DP replica's weights, equal the single-rank run `ref`."""
+    ref_losses, ref_norms, ref_weights, _ = ref
     replicas: dict[int, dict] = {}
     for losses, norms, weights, dp_rank in results:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)

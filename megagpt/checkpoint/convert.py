@@ -30,11 +30,10 @@ from megagpt.checkpoint.format import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE,
                                        iteration_dir, model_key, read_metadata, shard_dir, zero_shard_file)
 from megagpt.config import ModelConfig, layout_problems
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
-from megagpt.model.gpt import WORD_EMBEDDING, stage_layer_ids
+from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING, stage_layer_ids
 from megagpt.parallel.layers import pad_vocab_size
 from megagpt.parallel.state import stage_of
 
-OUTPUT_LAYER = "output_layer.weight"
 
 
 class ConversionError(CheckpointError):

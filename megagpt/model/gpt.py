@@ -1,4 +1,7 @@
-"""GPTModel: embeddings (first stage), this stage's transformer layers, final LN and tied LM head (last stage).
+"""GPTModel: embeddings (first stage), this stage's transformer layers, final norm and LM head (last stage).
+
+The LM head is the word embedding (tied, GPT-2) or its own vocab-parallel weight `output_layer.weight`
+(`--untie-embeddings-and-output-weights`, Llama), initialised from its own seeded master.
 
 Parameter names follow megatron-core (`embedding.word_embeddings.weight`, `decoder.layers.N....`) with N the
 global layer index, so a checkpoint's names do not depend on the pipeline layout.
@@ -11,15 +14,17 @@ import torch
 import torch.nn as nn
 
 from megagpt.config import ModelConfig
-from megagpt.model.transformer import LayerNorm, TransformerLayer, seeded_normal_init
+from megagpt.model.norms import build_norm
+from megagpt.model.transformer import TransformerLayer, seeded_normal_init
 from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.param_tags import tag
-from megagpt.parallel.layers import VocabParallelEmbedding, pad_vocab_size
+from megagpt.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megagpt.parallel.state import ParallelState, virtual_stage
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
 
 
 def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int, num_chunks: int = 1, chunk: int = 0,
@@ -34,7 +39,8 @@ def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int, num_chunks: int
 
 
 class Embedding(nn.Module):
-    """Vocab-parallel word embedding + replicated learned positions, output `[s, b, h]` (or `[s/tp, b, h]` with SP)."""
+    """Vocab-parallel word embedding + replicated learned positions (none with RoPE or `--position-embedding-type
+    none`), output `[s, b, h]` (or `[s/tp, b, h]` with SP)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, seed: int, padded_vocab: int, sequence_parallel: bool,
                  tracker: tp_random.RNGStatesTracker, device, dtype) -> None:
@@ -43,34 +49,40 @@ class Embedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=dtype, device=device,
             init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
-        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=device, dtype=dtype)
-        master = torch.empty(cfg.max_positions, cfg.hidden_size)
-        seeded_normal_init(seed, "embedding.position_embeddings.weight", cfg.init_method_std)(master)
-        with torch.no_grad():
-            self.position_embeddings.weight.copy_(master)
-        # Under SP each TP rank adds only its sequence slice of positions: its grad is partial, summed over TP.
-        tag(self.position_embeddings.weight, sequence_parallel=sequence_parallel)
+        self.learned_positions = cfg.position_embedding_type == "learned_absolute"
+        if self.learned_positions:
+            self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=device, dtype=dtype)
+            master = torch.empty(cfg.max_positions, cfg.hidden_size)
+            seeded_normal_init(seed, "embedding.position_embeddings.weight", cfg.init_method_std)(master)
+            with torch.no_grad():
+                self.position_embeddings.weight.copy_(master)
+            # Under SP each TP rank adds only its sequence slice of positions: its grad is partial, summed over TP.
+            tag(self.position_embeddings.weight, sequence_parallel=sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.size(1)
         positions = torch.arange(s, device=tokens.device)
         if not self.sequence_parallel:
-            x = self.word_embeddings(tokens) + self.position_embeddings(positions)      # [b, s, h]
+            x = self.word_embeddings(tokens)                                            # [b, s, h]
+            if self.learned_positions:
+                x = x + self.position_embeddings(positions)                             # [b, s, h]
             return self.dropout(x.transpose(0, 1).contiguous())                         # [s, b, h]
         # Reduce-scatter the partial word embeddings straight into sequence shards (half an all-reduce's bytes),
         # then add this rank's slice of the (replicated) position embeddings.
         partial = self.word_embeddings(tokens, reduce_output=False).transpose(0, 1).contiguous()  # [s, b, h]
         x = mappings.reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)         # [s/tp, b, h]
-        shard = x.size(0)
-        start = mappings.tp_rank(self.tp_group) * shard
-        x = x + self.position_embeddings(positions[start:start + shard]).unsqueeze(1)           # [s/tp, b, h]
+        if self.learned_positions:
+            shard = x.size(0)
+            start = mappings.tp_rank(self.tp_group) * shard
+            x = x + self.position_embeddings(positions[start:start + shard]).unsqueeze(1)       # [s/tp, b, h]
         with self.tracker.fork():
             return self.dropout(x)
 
 
 class GPTModel(nn.Module):
-    """One model chunk of a pipeline stage. `pre_process`: owns the embedding; `post_process`: final LN + head + loss."""
+    """One model chunk of a pipeline stage. `pre_process`: owns the embedding; `post_process`: final norm + head +
+    loss."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: range, *, seed: int,
                  tracker: tp_random.RNGStatesTracker, pre_process: bool, post_process: bool,
@@ -85,7 +97,8 @@ class GPTModel(nn.Module):
         self.layer_ids = layer_ids
         # The V placement (zb-v) puts the last stage on the first stage's rank: its LM head is the embedding weight
         # itself, held in a tuple so it is not registered here (saved, reduced and counted once, in the first chunk).
-        self._tied_weight = (tied_weight,) if tied_weight is not None else ()
+        self.untied = cfg.untie_embeddings_and_output_weights
+        self._tied_weight = (tied_weight,) if tied_weight is not None and not self.untied else ()
         if pre_process:
             self.embedding = Embedding(cfg, ps, seed, self.padded_vocab, sequence_parallel, tracker,
                                        device, params_dtype)
@@ -94,9 +107,13 @@ class GPTModel(nn.Module):
             str(i): TransformerLayer(cfg, ps, i, seed, sequence_parallel, tracker, device, params_dtype)
             for i in layer_ids})
         if post_process:
-            self.decoder.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sequence_parallel,
-                                                     device, params_dtype)
-            if not pre_process and tied_weight is None:  # last stage of a pipeline: a copy of the tied embedding,
+            self.decoder.final_layernorm = build_norm(cfg, cfg.hidden_size, sequence_parallel, device, params_dtype)
+            if self.untied:   # its own weight, vocab-parallel like the embedding (Megatron's output_layer)
+                self.output_layer = ColumnParallelLinear(
+                    cfg.hidden_size, self.padded_vocab, ps.tp_group, bias=False, params_dtype=params_dtype,
+                    init_method=seeded_normal_init(seed, OUTPUT_LAYER, cfg.init_method_std, rows=cfg.vocab_size),
+                    sequence_parallel=sequence_parallel, device=device)
+            elif not pre_process and not self._tied_weight:  # last stage of a pipeline: a copy of the tied embedding,
                 self.output_layer = VocabParallelEmbedding(
                     self.padded_vocab, cfg.hidden_size, ps.tp_group, params_dtype=params_dtype, device=device,
                     init_method=seeded_normal_init(seed, WORD_EMBEDDING, cfg.init_method_std, rows=cfg.vocab_size))
@@ -107,6 +124,8 @@ class GPTModel(nn.Module):
 
     def tied_embedding_weights(self) -> list[nn.Parameter]:
         """The word-embedding weight(s) held by this chunk: the original on the first stage, the copy on the last."""
+        if self.untied:
+            return []
         weights = [self.embedding.word_embeddings.weight] if self.pre_process else []
         if self.post_process and not self.pre_process and not self._tied_weight:
             weights.append(self.output_layer.weight)
@@ -135,6 +154,10 @@ class GPTModel(nn.Module):
         return loss.transpose(0, 1).contiguous()                             # [b, s]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untied:
+            logits, _ = self.output_layer(x)                                                # [s, b, v/tp]
+            self._mask_vocab_padding_(logits)
+            return logits
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.ps.tp_group, True)   # [s, b, h]
         else:

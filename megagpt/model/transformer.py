@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagpt.config import ModelConfig
+from megagpt.model.norms import build_norm
+from megagpt.model.rotary import RotaryEmbedding
 from megagpt.model.softmax import FusedScaleMaskSoftmax
 from megagpt.parallel import random as tp_random
-from megagpt.parallel.param_tags import tag
 from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megagpt.parallel.state import ParallelState
 
@@ -43,34 +44,61 @@ def seeded_normal_init(seed: int, name: str, std: float, rows: Optional[int] = N
     return init
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm whose params are marked for a TP grad all-reduce when activations are sequence-parallel."""
+def glu_tp_order(t: torch.Tensor, tp: int) -> torch.Tensor:
+    """SwiGLU's fc1 rows from the canonical `[gate | up]` (TP=1) to the order TP ranks hold them,
+    `[gate_0 up_0 | gate_1 up_1 | ...]`, so a contiguous split gives each rank its matching halves."""
+    return t.reshape(2, tp, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)          # [2f, ...]
 
-    def __init__(self, hidden: int, eps: float, sequence_parallel: bool, device, dtype) -> None:
-        super().__init__(hidden, eps=eps, device=device, dtype=dtype)
-        for p in self.parameters():
-            tag(p, sequence_parallel=sequence_parallel)
+
+def glu_canonical_order(t: torch.Tensor, tp: int) -> torch.Tensor:
+    """The inverse of `glu_tp_order`: TP-concatenated fc1 rows back to `[gate | up]`."""
+    return t.reshape(tp, 2, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)          # [2f, ...]
+
+
+def is_glu_fc1(name: str, cfg: ModelConfig) -> bool:
+    """Whether parameter `name` holds SwiGLU's fused `[gate | up]` rows (its TP shards need glu_*_order)."""
+    return cfg.swiglu and name.rsplit(".", 2)[-2:-1] == ["linear_fc1"]
+
+
+def _in_glu_tp_order(init: InitMethod, tp: int) -> InitMethod:
+    """Fill the canonical `[gate | up]` master, then reorder it for a TP split (every TP size: the same model)."""
+    def fill(master: torch.Tensor) -> None:
+        init(master)
+        master.copy_(glu_tp_order(master, tp))
+    return fill
 
 
 class ParallelAttention(nn.Module):
-    """Causal self-attention with heads split across TP ranks (QKV column-split, output row-split)."""
+    """Causal self-attention with heads split across TP ranks (QKV column-split, output row-split).
+
+    Grouped-query attention: G key/value heads, each shared by n/G query heads (G = n is multi-head attention).
+    linear_qkv's rows are grouped per query group, `[q_g0 (n/G heads) k_g0 v_g0 | q_g1 ... | ...]`, so a contiguous
+    TP split gives each rank whole groups (config.variant_problems refuses G % TP != 0); for G = n this is the
+    per-head grouping `[q_h0 k_h0 v_h0 | ...]` GPT-2 checkpoints have always used."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, prefix: str, seed: int, sequence_parallel: bool,
                  tracker: tp_random.RNGStatesTracker, device, dtype) -> None:
         super().__init__()
-        h, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.heads_per_rank = heads // ps.tp_size
-        self.head_dim = h // heads
+        h, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.query_groups
+        self.heads_per_rank, self.groups_per_rank = heads // ps.tp_size, groups // ps.tp_size
+        self.q_per_group = heads // groups
+        self.head_dim = cfg.head_dim
         self.tracker = tracker
         self.selective_recompute = cfg.recompute_granularity == "selective"
         out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
-        # QKV rows grouped per head ([q_h0 k_h0 v_h0 | q_h1 ...]): a contiguous TP split gives each rank whole heads.
         self.linear_qkv = ColumnParallelLinear(
-            h, 3 * h, ps.tp_group, init_method=seeded_normal_init(seed, prefix + "linear_qkv.weight", cfg.init_method_std),
+            h, cfg.qkv_size, ps.tp_group, bias=cfg.qkv_bias,
+            init_method=seeded_normal_init(seed, prefix + "linear_qkv.weight", cfg.init_method_std),
             sequence_parallel=sequence_parallel, params_dtype=dtype, device=device)
         self.linear_proj = RowParallelLinear(
-            h, h, ps.tp_group, init_method=seeded_normal_init(seed, prefix + "linear_proj.weight", out_std),
+            h, h, ps.tp_group, bias=cfg.add_bias_linear,
+            init_method=seeded_normal_init(seed, prefix + "linear_proj.weight", out_std),
             input_is_parallel=True, sequence_parallel=sequence_parallel, params_dtype=dtype, device=device)
+        if cfg.qk_layernorm:   # replicated over TP but sees only this rank's heads: grads summed over TP
+            self.q_layernorm = build_norm(cfg, self.head_dim, ps.tp_size > 1, device, dtype)
+            self.k_layernorm = build_norm(cfg, self.head_dim, ps.tp_size > 1, device, dtype)
+        self.qk_layernorm = cfg.qk_layernorm
+        self.rotary = RotaryEmbedding(cfg) if cfg.position_embedding_type == "rope" else None
         self.flash = cfg.attention_core == "flash"
         self.softmax = FusedScaleMaskSoftmax("causal", scale=1.0 / math.sqrt(self.head_dim),
                                              softmax_in_fp32=cfg.attention_softmax_in_fp32,
@@ -79,8 +107,12 @@ class ParallelAttention(nn.Module):
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q `[s, b, np/tp, hd]`, k and v `[s, b, ng/tp, hd]` -> context `[s, b, h/tp]`."""
         if self.flash:
             return self.flash_attention(q, k, v)
+        if self.q_per_group > 1:   # each key/value head serves its group's n/G consecutive query heads
+            k = k.repeat_interleave(self.q_per_group, dim=2)                # [s, b, np/tp, hd]
+            v = v.repeat_interleave(self.q_per_group, dim=2)                # [s, b, np/tp, hd]
         s, b, n, d = q.shape                                                # [s, b, np/tp, hd]
         q = q.permute(1, 2, 0, 3)                                           # [b, np/tp, s, hd]
         k = k.permute(1, 2, 3, 0)                                           # [b, np/tp, hd, s]
@@ -93,20 +125,28 @@ class ParallelAttention(nn.Module):
         return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
 
     def flash_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, no [s, s] scores kept."""
+        """torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, no [s, s] scores kept;
+        grouped-query attention through its enable_gqa (no copies of k and v)."""
         s, b, n, d = q.shape                                                # [s, b, np/tp, hd]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))                # [b, np/tp, s, hd]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))                # [b, np/tp or ng/tp, s, hd]
         dropout = self.attention_dropout.p if self.training else 0.0
         with self.tracker.fork():  # heads differ per TP rank: per-rank dropout stream
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                     scale=self.softmax.scale)   # [b, np/tp, s, hd]
+                                                     scale=self.softmax.scale,
+                                                     enable_gqa=self.q_per_group > 1)   # [b, np/tp, s, hd]
         return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.linear_qkv(x)                                         # [s, b, 3h/tp]
+        qkv, _ = self.linear_qkv(x)                                         # [s, b, (np+2ng)hd/tp]
         s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.heads_per_rank, 3 * self.head_dim)        # [s, b, np/tp, 3hd]
-        q, k, v = qkv.split(self.head_dim, dim=-1)                          # 3 x [s, b, np/tp, hd]
+        d = self.head_dim
+        qkv = qkv.view(s, b, self.groups_per_rank, (self.q_per_group + 2) * d)   # [s, b, ng/tp, (np/ng+2)hd]
+        q, k, v = qkv.split([self.q_per_group * d, d, d], dim=-1)          # [s, b, ng/tp, np/ng*hd], 2x [.., hd]
+        q = q.reshape(s, b, self.heads_per_rank, d)                         # [s, b, np/tp, hd]
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)                 # normalised over hd
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)                           # rotated by position along s
         if self.selective_recompute and self.training:
             context = tp_random.checkpoint(self.core_attention, self.tracker, q, k, v)
         else:
@@ -116,29 +156,39 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """GELU MLP of width 4h: first GEMM column-split, second row-split (one all-reduce in forward)."""
+    """GELU MLP (GPT-2) or SwiGLU (`--swiglu`, Llama): first GEMM column-split, second row-split (one all-reduce
+    in forward). SwiGLU's gate and up projections are one fused fc1 whose rows each TP rank holds as its
+    `[gate_r | up_r]` (see glu_tp_order), so the product silu(gate) * up needs no communication."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, prefix: str, seed: int, sequence_parallel: bool,
                  device, dtype) -> None:
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_size
         out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        self.swiglu = cfg.swiglu
+        fc1_init = seeded_normal_init(seed, prefix + "linear_fc1.weight", cfg.init_method_std)
         self.linear_fc1 = ColumnParallelLinear(
-            h, f, ps.tp_group, init_method=seeded_normal_init(seed, prefix + "linear_fc1.weight", cfg.init_method_std),
+            h, 2 * f if self.swiglu else f, ps.tp_group, bias=cfg.add_bias_linear,
+            init_method=_in_glu_tp_order(fc1_init, ps.tp_size) if self.swiglu else fc1_init,
             sequence_parallel=sequence_parallel, params_dtype=dtype, device=device)
         self.linear_fc2 = RowParallelLinear(
-            f, h, ps.tp_group, init_method=seeded_normal_init(seed, prefix + "linear_fc2.weight", out_std),
+            f, h, ps.tp_group, bias=cfg.add_bias_linear,
+            init_method=seeded_normal_init(seed, prefix + "linear_fc2.weight", out_std),
             input_is_parallel=True, sequence_parallel=sequence_parallel, params_dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.linear_fc1(x)                                      # [s, b, 4h/tp]
-        hidden = F.gelu(hidden, approximate="tanh")                         # GPT-2's gelu_new
+        hidden, _ = self.linear_fc1(x)                                      # [s, b, f/tp] ([s, b, 2f/tp] SwiGLU)
+        if self.swiglu:
+            gate, up = hidden.chunk(2, dim=-1)                              # 2 x [s, b, f/tp]
+            hidden = F.silu(gate) * up                                      # [s, b, f/tp]
+        else:
+            hidden = F.gelu(hidden, approximate="tanh")                     # GPT-2's gelu_new
         out, _ = self.linear_fc2(hidden)                                    # [s, b, h] (or [s/tp, b, h] with SP)
         return out
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LayerNorm block: x + drop(attn(ln(x))), then x + drop(mlp(ln(x)))."""
+    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_number: int, seed: int, sequence_parallel: bool,
                  tracker: tp_random.RNGStatesTracker, device=None, dtype=torch.float32) -> None:
@@ -147,10 +197,10 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.tracker = tracker
         self.full_recompute = cfg.recompute_granularity == "full"
-        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sequence_parallel, device, dtype)
+        self.input_layernorm = build_norm(cfg, cfg.hidden_size, sequence_parallel, device, dtype)
         self.self_attention = ParallelAttention(cfg, ps, prefix + "self_attention.", seed, sequence_parallel,
                                                 tracker, device, dtype)
-        self.pre_mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sequence_parallel, device, dtype)
+        self.pre_mlp_layernorm = build_norm(cfg, cfg.hidden_size, sequence_parallel, device, dtype)
         self.mlp = ParallelMLP(cfg, ps, prefix + "mlp.", seed, sequence_parallel, device, dtype)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
