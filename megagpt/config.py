@@ -203,6 +203,8 @@ class TrainConfig:
     ckpt_format: str = arg("torch", "checkpoint format: torch (Megatron's legacy per-rank files + metadata.json)",
                            choices=["torch"])
     keep_last_n_checkpoints: Optional[int] = arg(None, "delete older complete checkpoints once a newer one is complete")
+    async_save: bool = arg(False, "copy the checkpoint to host memory and write it in the background while training "
+                           "goes on (marked complete once every rank has written it)")
     exit_interval: Optional[int] = arg(None, "save and exit after an iteration divisible by N")
     exit_duration_in_mins: Optional[float] = arg(None, "save and exit once training has run this long (agreed by all "
                                                  "ranks)")
@@ -547,7 +549,8 @@ def validate(config: Config, world_size: int) -> None:
         native_only = [flag for flag, on in (("--finetune", t.finetune), ("--no-load-optim", t.no_load_optim),
                                              ("--no-load-rng", t.no_load_rng), ("--no-save-optim", t.no_save_optim),
                                              ("--no-save-rng", t.no_save_rng),
-                                             ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints)) if on]
+                                             ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints),
+                                             ("--async-save", t.async_save)) if on]
         if native_only:
             problems.append(f"{', '.join(native_only)}: native checkpoints only, not with --deepspeed")
         if p.sequence_parallel:
@@ -559,6 +562,8 @@ def validate(config: Config, world_size: int) -> None:
         steps = schedule_steps(config, dp)
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
+    if t.async_save and not t.save:
+        problems.append("--async-save needs --save (the directory to write to)")
     problems += [f"{flag} must be positive, got {value}" for flag, value in (
         ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints), ("--exit-interval", t.exit_interval),
         ("--exit-duration-in-mins", t.exit_duration_in_mins)) if value is not None and value <= 0]

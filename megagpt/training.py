@@ -159,9 +159,20 @@ class Trainer:
         --keep-last-n-checkpoints, older ones are deleted once this one is complete."""
         self.engine.save(directory, iteration, self.consumed_samples, self.consumed_valid_samples)
         self.last_saved = iteration
+        if not self.config.train.async_save:
+            self._saved(iteration)
+
+    def poll_save(self, block: bool = False) -> None:
+        """Collective under --async-save: mark a finished background save complete (`block`: wait for it)."""
+        completed = self.engine.poll_save(block)
+        if completed is not None:
+            self._saved(completed)
+
+    def _saved(self, iteration: int) -> None:
+        """A checkpoint became complete: older ones may go (--keep-last-n-checkpoints)."""
         keep = self.config.train.keep_last_n_checkpoints
         if keep and self.ps.rank == 0:
-            prune_checkpoints(directory, keep)
+            prune_checkpoints(self.config.train.save, keep)
 
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
@@ -298,6 +309,7 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
         control.close()
     if t.save and result.exit_reason is None and trainer.last_saved < total_iters:
         trainer.save(t.save, total_iters)
+    trainer.poll_save(block=True)
     result.consumed_samples = trainer.consumed_samples
     return result
 
@@ -345,6 +357,7 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
             board.validation(iteration, val)
         if t.save and t.save_interval and iteration % t.save_interval == 0:
             trainer.save(t.save, iteration)
+        trainer.poll_save()
         if control.should_exit(iteration):
             if t.save and trainer.last_saved < iteration:
                 trainer.save(t.save, iteration)

@@ -20,7 +20,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -116,6 +116,17 @@ def _gather_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
+@dataclass
+class PendingSave:
+    """One rank's part of a checkpoint, copied to host memory at the iteration boundary: what `write_files` puts on
+    disk (synchronously, or in a background thread under --async-save) before `commit_checkpoint` marks it."""
+
+    directory: str
+    iteration: int
+    files: list = field(default_factory=list)     # [(object for torch.save, path)]
+    metadata: Optional[dict] = None               # global rank 0: metadata.json's content
+
+
 def save_checkpoint(directory: str, iteration: int, config: Config, ps: ParallelState, chunks: list[nn.Module],
                     optimizer, tracker: tp_random.RNGStatesTracker, consumed_samples: int,
                     consumed_valid_samples: int = 0) -> str:
@@ -124,14 +135,25 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
     `optimizer` is a TrainingOptimizer (`state_dict()` = {"optimizer", "scheduler"}); with the distributed
     optimizer its "optimizer" part is this DP rank's ZeRO shard. Collective: every rank must call it.
     Returns the iteration directory."""
+    pending = prepare_checkpoint(directory, iteration, config, ps, chunks, optimizer, tracker, consumed_samples,
+                                 consumed_valid_samples)
+    write_files(pending)
+    commit_checkpoint(pending, ps)
+    return iteration_dir(directory, iteration)
+
+
+def prepare_checkpoint(directory: str, iteration: int, config: Config, ps: ParallelState, chunks: list[nn.Module],
+                       optimizer, tracker: tp_random.RNGStatesTracker, consumed_samples: int,
+                       consumed_valid_samples: int = 0) -> PendingSave:
+    """Collective: gather the tensor metadata and copy this rank's state to host memory (nothing is written)."""
     zero = config.parallel.use_distributed_optimizer
     save_optim, save_rng = not config.train.no_save_optim, not config.train.no_save_rng
     layout = layout_of(ps, len(chunks), zero)
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
-    os.makedirs(folder, exist_ok=True)
     tensors = _gather_tensor_info(chunks, ps)           # collective: before any rank can fail on a write
     rng = get_rng_state(tracker) if save_rng else None
     optim_state = _to_cpu(optimizer.state_dict()) if save_optim else None
+    pending = PendingSave(directory, iteration)
     if ps.dp_rank == 0:
         state = {"iteration": iteration, "consumed_samples": consumed_samples,
                  "consumed_valid_samples": consumed_valid_samples, "checkpoint_version": FORMAT_VERSION,
@@ -144,25 +166,38 @@ def save_checkpoint(directory: str, iteration: int, config: Config, ps: Parallel
             state["opt_param_scheduler"] = optim_state["scheduler"]
             if not zero:
                 state["optimizer"] = optim_state
-        atomic_torch_save(state, os.path.join(folder, MODEL_FILE))
+        pending.files.append((state, os.path.join(folder, MODEL_FILE)))
     if zero and save_optim:
-        atomic_torch_save({"iteration": iteration, "layout": layout, "optimizer": optim_state},
-                          zero_shard_file(folder, ps.dp_rank))
+        pending.files.append(({"iteration": iteration, "layout": layout, "optimizer": optim_state},
+                              zero_shard_file(folder, ps.dp_rank)))
     if save_rng:
-        atomic_torch_save(rng, rng_file(folder, ps.dp_rank))
+        pending.files.append((rng, rng_file(folder, ps.dp_rank)))
     if ps.rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                "has_optimizer": save_optim, "has_rng": save_rng,
-                "layout": layout, "tokenizer_type": config.data.tokenizer_type,
-                "padded_vocab_size": getattr(chunks[0], "padded_vocab", None),
-                "config": config.to_dict(), "tensors": tensors}
-        atomic_write_text(json.dumps(meta, indent=1, sort_keys=True),
-                          os.path.join(iteration_dir(directory, iteration), METADATA_FILE))
+        pending.metadata = {"format_version": FORMAT_VERSION, "iteration": iteration,
+                            "consumed_samples": consumed_samples, "has_optimizer": save_optim, "has_rng": save_rng,
+                            "layout": layout, "tokenizer_type": config.data.tokenizer_type,
+                            "padded_vocab_size": getattr(chunks[0], "padded_vocab", None),
+                            "config": config.to_dict(), "tensors": tensors}
+    return pending
+
+
+def write_files(pending: PendingSave) -> None:
+    """Put this rank's files on disk, each atomically (temporary name, fsync, rename); no collective."""
+    for obj, path in pending.files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_torch_save(obj, path)
+    if pending.metadata is not None:
+        os.makedirs(iteration_dir(pending.directory, pending.iteration), exist_ok=True)
+        atomic_write_text(json.dumps(pending.metadata, indent=1, sort_keys=True),
+                          os.path.join(iteration_dir(pending.directory, pending.iteration), METADATA_FILE))
+
+
+def commit_checkpoint(pending: PendingSave, ps: ParallelState) -> None:
+    """Collective, once every rank's files are written: rank 0 writes the tracker, which marks it complete."""
     dist.barrier()                                      # every rank's shards are on disk
     if ps.rank == 0:
-        atomic_write_text(f"{iteration}\n", os.path.join(directory, TRACKER_FILE))
+        atomic_write_text(f"{pending.iteration}\n", os.path.join(pending.directory, TRACKER_FILE))
     dist.barrier()                                      # the tracker is visible to every rank on return
-    return iteration_dir(directory, iteration)
 
 
 # ---- load ---------------------------------------------------------------------------------------------------

@@ -231,6 +231,9 @@ class DeepSpeedEngine:
         dist.barrier()                                  # `latest` is visible to every rank on return
         return final
 
+    def poll_save(self, block: bool = False) -> Optional[int]:
+        return None   # saves are synchronous here
+
     def load(self, directory: str) -> LoadedCheckpoint:
         """Restore the checkpoint `latest` names: module, ZeRO shards and LR schedule in place; returns iteration,
         consumed samples and this rank's RNG states. Layout and model shape are checked from metadata.json first."""

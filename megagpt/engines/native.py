@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from megagpt.checkpoint.async_save import AsyncCheckpointWriter
+from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, prepare_checkpoint, save_checkpoint
 from megagpt.config import Config
 from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.optim.builder import TrainingOptimizer
@@ -63,6 +64,8 @@ class NativeEngine:
                  tracker: tp_random.RNGStatesTracker) -> None:
         self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
         self.optimizer = TrainingOptimizer(config, chunks, ps)
+        device = next(chunks[0].parameters()).device
+        self.writer = AsyncCheckpointWriter(ps, device) if config.train.async_save else None
 
     def train_step(self, batches: list[MicroBatch], num_microbatches: int,
                    global_batch_size: int) -> tuple[float, bool, Optional[float]]:
@@ -76,8 +79,15 @@ class NativeEngine:
         return run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=True)
 
     def save(self, directory: str, iteration: int, consumed_samples: int, consumed_valid_samples: int) -> None:
-        save_checkpoint(directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
-                        consumed_samples, consumed_valid_samples)
+        args = (directory, iteration, self.config, self.ps, self.chunks, self.optimizer, self.tracker,
+                consumed_samples, consumed_valid_samples)
+        if self.writer is None:
+            save_checkpoint(*args)
+        else:
+            self.writer.submit(prepare_checkpoint(*args))
+
+    def poll_save(self, block: bool = False) -> Optional[int]:
+        return self.writer.poll(block) if self.writer is not None else None
 
     def load(self, directory: str) -> LoadedCheckpoint:
         return load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
