@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -203,6 +204,14 @@ class TrainConfig:
     ckpt_format: str = arg("torch", "checkpoint format: torch (Megatron's legacy per-rank files + metadata.json)",
                            choices=["torch"])
     keep_last_n_checkpoints: Optional[int] = arg(None, "delete older complete checkpoints once a newer one is complete")
+    non_persistent_save_interval: Optional[int] = arg(None, "also checkpoint every N iterations into a scratch "
+                                                      "directory that keeps only the newest (resume takes the newer "
+                                                      "of it and --load)")
+    non_persistent_ckpt_type: Optional[str] = arg(None, "global (the only kind here: a full checkpoint in "
+                                                  "--non-persistent-global-ckpt-dir)",
+                                                  choices=[None, "global", "local", "in_memory"])
+    non_persistent_global_ckpt_dir: Optional[str] = arg(None, "where non-persistent checkpoints go (default "
+                                                        "<save>/non_persistent)")
     async_save: bool = arg(False, "copy the checkpoint to host memory and write it in the background while training "
                            "goes on (marked complete once every rank has written it)")
     exit_interval: Optional[int] = arg(None, "save and exit after an iteration divisible by N")
@@ -562,6 +571,11 @@ def validate(config: Config, world_size: int) -> None:
         steps = schedule_steps(config, dp)
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
+    if t.non_persistent_ckpt_type not in (None, "global"):
+        problems.append(f"--non-persistent-ckpt-type {t.non_persistent_ckpt_type} is not supported: only global "
+                        f"(a full checkpoint in --non-persistent-global-ckpt-dir)")
+    if t.non_persistent_save_interval and not t.save:
+        problems.append("--non-persistent-save-interval needs --save")
     if t.async_save and not t.save:
         problems.append("--async-save needs --save (the directory to write to)")
     problems += [f"{flag} must be positive, got {value}" for flag, value in (
@@ -616,6 +630,12 @@ def raise_if(problems: list[str], heading: str = "invalid configuration") -> Non
     """One ConfigError listing every problem (nothing when the list is empty)."""
     if problems:
         raise ConfigError(f"{heading}:\n  - " + "\n  - ".join(problems))
+
+
+def non_persistent_dir(t: TrainConfig) -> Optional[str]:
+    """Where --non-persistent-save-interval checkpoints go: the flag's directory, else <save>/non_persistent."""
+    base = t.save or t.load
+    return t.non_persistent_global_ckpt_dir or (os.path.join(base, "non_persistent") if base else None)
 
 
 def all_data_prefixes(d: DataConfig) -> list[str]:

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint.format import CheckpointError, checkpoint_format_problem, has_checkpoint
+from megagpt.checkpoint.format import CheckpointError, checkpoint_format_problem, has_checkpoint, read_tracker
 from megagpt.checkpoint.sharded import prune_checkpoints, set_rng_state
 from megagpt.config import (Config, ConfigError, all_data_prefixes, final_global_batch_size, global_batch_size_at,
-                            num_microbatches, num_model_chunks, raise_if, train_iters, train_samples, validate)
+                            non_persistent_dir, num_microbatches, num_model_chunks, raise_if, train_iters,
+                            train_samples, validate)
 from megagpt.data.gpt_dataset import MockGPTDataset, build_dataset, build_train_valid_test_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
@@ -67,6 +68,22 @@ def environment_problems(config: Config) -> list[str]:
         except CheckpointError as exc:
             problems.append(str(exc))
     return problems
+
+
+def resume_directory(config: Config, verbose: bool) -> Optional[str]:
+    """The checkpoint directory to resume from: --load, or the non-persistent directory when it holds a newer
+    checkpoint; None (start from scratch, with a notice) when neither holds one."""
+    t, deepspeed = config.train, config.parallel.deepspeed
+    candidates = [d for d in (t.load, non_persistent_dir(t) if t.non_persistent_save_interval else None)
+                  if d and has_checkpoint(d, deepspeed)]
+    if not candidates:
+        if t.load and verbose:
+            print(f" no checkpoint in --load {t.load}: training from scratch", flush=True)
+        return None
+    newest = max(candidates, key=lambda d: read_tracker(d) if not deepspeed else 0)
+    if newest != t.load and verbose:
+        print(f" resuming from the newer non-persistent checkpoint in {newest}", flush=True)
+    return newest
 
 
 def eod_token(config: Config) -> int:
@@ -154,25 +171,27 @@ class Trainer:
         self.train_data = self.valid_data = None
         self.datasets = build_datasets(config, launch, ps.dp_size)
 
-    def save(self, directory: str, iteration: int) -> None:
+    def save(self, directory: str, iteration: int, persistent: bool = True) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it); with
-        --keep-last-n-checkpoints, older ones are deleted once this one is complete."""
+        --keep-last-n-checkpoints, older ones are deleted once this one is complete (non-persistent ones: all but
+        the newest)."""
         self.engine.save(directory, iteration, self.consumed_samples, self.consumed_valid_samples)
-        self.last_saved = iteration
+        if persistent:
+            self.last_saved = iteration
         if not self.config.train.async_save:
-            self._saved(iteration)
+            self._saved(directory)
 
     def poll_save(self, block: bool = False) -> None:
         """Collective under --async-save: mark a finished background save complete (`block`: wait for it)."""
         completed = self.engine.poll_save(block)
         if completed is not None:
-            self._saved(completed)
+            self._saved(completed[0])
 
-    def _saved(self, iteration: int) -> None:
-        """A checkpoint became complete: older ones may go (--keep-last-n-checkpoints)."""
-        keep = self.config.train.keep_last_n_checkpoints
+    def _saved(self, directory: str) -> None:
+        """A checkpoint in `directory` became complete: older ones may go."""
+        keep = self.config.train.keep_last_n_checkpoints if directory == self.config.train.save else 1
         if keep and self.ps.rank == 0:
-            prune_checkpoints(self.config.train.save, keep)
+            prune_checkpoints(directory, keep)
 
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
@@ -268,10 +287,7 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
             print(dry_run(config, launch.world_size), flush=True)
         raise SystemExit(0)
     raise_if(environment_problems(config))
-    if config.train.load and not has_checkpoint(config.train.load, config.parallel.deepspeed):
-        if launch.rank == 0 and log:
-            print(f" no checkpoint in --load {config.train.load}: training from scratch", flush=True)
-        config.train.load = None
+    config.train.load = resume_directory(config, launch.rank == 0 and log)
     resolve_vocab(config)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -357,6 +373,8 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
             board.validation(iteration, val)
         if t.save and t.save_interval and iteration % t.save_interval == 0:
             trainer.save(t.save, iteration)
+        elif t.non_persistent_save_interval and iteration % t.non_persistent_save_interval == 0:
+            trainer.save(non_persistent_dir(t), iteration, persistent=False)
         trainer.poll_save()
         if control.should_exit(iteration):
             if t.save and trainer.last_saved < iteration:

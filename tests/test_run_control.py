@@ -75,6 +75,8 @@ def _options_worker(ckpt: str) -> dict:
     out["valid_straight"] = _train(**evals)
     _train(train_iters=4, save=ckpt + "-valid", **evals)
     out["valid_resumed"] = _train(load=ckpt + "-valid", **evals)
+    _train(train_iters=3, save=ckpt + "-np", save_interval=100, non_persistent_save_interval=1)
+    out["np_files"] = sorted(os.listdir(os.path.join(ckpt + "-np", "non_persistent")))
     out["interval"] = _train(save=ckpt + "-interval", exit_interval=2)
     out["after_interval"] = _train(load=ckpt + "-interval")
     return out
@@ -97,9 +99,25 @@ def test_load_save_and_exit_options(tmp_path):
     assert r["lean"]["start"] == 3
     assert r["interval"]["exit"] == "exit interval 2 reached" and r["interval"]["losses"] == straight[:2]
     assert r["after_interval"]["start"] == 2 and r["after_interval"]["losses"] == straight[2:]
+    assert r["np_files"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]   # only the newest kept
     # validation continues where it was: the resumed run's evaluation at 6 reads the batches the straight one did
     assert len(r["valid_straight"]["validation"]) == 3
     assert r["valid_resumed"]["validation"] == r["valid_straight"]["validation"][2:]
+
+
+def test_resume_takes_the_newer_of_load_and_non_persistent(tmp_path, capsys):
+    from megagpt.training import resume_directory
+
+    load, scratch = tmp_path / "ckpt", tmp_path / "ckpt" / "non_persistent"
+    scratch.mkdir(parents=True)
+    (load / "latest_checkpointed_iteration.txt").write_text("2\n")
+    (scratch / "latest_checkpointed_iteration.txt").write_text("5\n")
+    config = _config(load=str(load), save=str(load), non_persistent_save_interval=1)
+    assert resume_directory(config, verbose=True) == str(scratch)
+    assert "newer non-persistent checkpoint" in capsys.readouterr().out
+    (scratch / "latest_checkpointed_iteration.txt").write_text("1\n")
+    assert resume_directory(config, verbose=False) == str(load)
+    assert resume_directory(_config(load=str(tmp_path / "none")), verbose=False) is None
 
 
 # ---- SIGTERM: a rank, and the launcher ------------------------------------------------------------------------

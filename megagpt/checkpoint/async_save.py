@@ -46,9 +46,9 @@ class AsyncCheckpointWriter:
         except BaseException as exc:   # reported by poll on every rank; training goes on
             self.error = exc
 
-    def poll(self, block: bool = False) -> Optional[int]:
-        """Collective when a save is in flight: the iteration it completed (tracker written), or None while any rank
-        is still writing, or when one failed (then reported, and the checkpoint left unmarked)."""
+    def poll(self, block: bool = False) -> Optional[tuple[str, int]]:
+        """Collective when a save is in flight: (directory, iteration) of the checkpoint it completed (tracker
+        written), or None while any rank is still writing, or when one failed (then reported, left unmarked)."""
         if not self.in_flight:
             return None
         if block:
@@ -66,4 +66,4 @@ class AsyncCheckpointWriter:
                       f"checkpoint is not marked complete: {self.error!r}", flush=True)
             return None
         commit_checkpoint(pending, self.ps)
-        return pending.iteration
+        return pending.directory, pending.iteration

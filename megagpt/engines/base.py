@@ -38,9 +38,9 @@ class Engine(Protocol):
     def save(self, directory: str, iteration: int, consumed_samples: int, consumed_valid_samples: int) -> None:
         """Write a checkpoint of this rank's state (collective: every rank calls it)."""
 
-    def poll_save(self, block: bool = False) -> Optional[int]:
-        """Collective while a background (--async-save) save is in flight: the iteration whose checkpoint just
-        became complete, else None. `block` waits for it."""
+    def poll_save(self, block: bool = False) -> Optional[tuple[str, int]]:
+        """Collective while a background (--async-save) save is in flight: (directory, iteration) of the checkpoint
+        that just became complete, else None. `block` waits for it."""
 
     def load(self, directory: str) -> LoadedCheckpoint:
         """Restore a checkpoint in place; returns iteration, consumed samples and this rank's RNG states."""

@@ -231,7 +231,7 @@ class DeepSpeedEngine:
         dist.barrier()                                  # `latest` is visible to every rank on return
         return final
 
-    def poll_save(self, block: bool = False) -> Optional[int]:
+    def poll_save(self, block: bool = False) -> Optional[tuple[str, int]]:
         return None   # saves are synchronous here
 
     def load(self, directory: str) -> LoadedCheckpoint:

@@ -86,7 +86,7 @@ class NativeEngine:
         else:
             self.writer.submit(prepare_checkpoint(*args))
 
-    def poll_save(self, block: bool = False) -> Optional[int]:
+    def poll_save(self, block: bool = False) -> Optional[tuple[str, int]]:
         return self.writer.poll(block) if self.writer is not None else None
 
     def load(self, directory: str) -> LoadedCheckpoint:
