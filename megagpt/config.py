@@ -254,6 +254,50 @@ class DataConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Observability (Megatron-LM's logging, profiling and GC flags): what is measured and where it is written."""
+
+    timing_log_level: int = arg(0, "timers to report every log interval: 0 none, 1 once-per-iteration spans "
+                                "(forward-backward, grad reductions, optimizer), 2 also per-micro-batch spans (data, "
+                                "compute, pipeline send/recv; syncs the GPU)", choices=[0, 1, 2])
+    timing_log_option: str = arg("minmax", "timer statistics over ranks: max, minmax or all (every rank)",
+                                 choices=["max", "minmax", "all"])
+    barrier_with_l1_time: bool = arg(True, "no barrier before level-1 timers (by default they start together on "
+                                     "all ranks)", flag="--no-barrier-with-level-1-timing")
+    tensorboard_log_interval: int = arg(1, "write the per-iteration scalars to TensorBoard every N iterations")
+    log_timers_to_tensorboard: bool = arg(False, "write the timers (max over ranks) to TensorBoard")
+    log_memory_to_tensorboard: bool = arg(False, "write memory use to TensorBoard (CUDA allocator statistics; on "
+                                          "CPU the process's peak RSS and the tensors' bytes)")
+    log_validation_ppl_to_tensorboard: bool = arg(False, "write validation perplexity to TensorBoard")
+    log_loss_scale_to_tensorboard: bool = arg(True, "leave the loss scale out of TensorBoard",
+                                              flag="--no-log-loss-scale-to-tensorboard")
+    log_throughput: bool = arg(False, "Megatron's throughput field (megagpt always prints TFLOP/s and tokens/s)")
+    log_params_norm: bool = arg(False, "print the L2 norm of all weights (each counted once) every log interval")
+    profile: bool = arg(False, "torch.profiler trace of iterations (--profile-step-start, --profile-step-end] on "
+                        "--profile-ranks, written to <tensorboard-dir>/../torch_profile (else <save>/torch_profile); "
+                        "on CUDA also cudaProfilerStart/Stop around them for nsys --capture-range=cudaProfilerApi")
+    use_pytorch_profiler: bool = arg(False, "accepted for Megatron scripts: --profile always writes a torch.profiler "
+                                     "trace")
+    profile_step_start: int = arg(10, "iteration after which profiling starts")
+    profile_step_end: int = arg(12, "last profiled iteration")
+    profile_ranks: list = arg([0], "global ranks to profile", nargs="+", type=int)
+    pytorch_profiler_collect_shapes: bool = arg(False, "record tensor shapes in the trace")
+    pytorch_profiler_collect_callstack: bool = arg(False, "record Python call stacks in the trace")
+    record_memory_history: bool = arg(False, "with --profile: memory events in the trace; on CUDA also the "
+                                      "allocator history, dumped every log interval to --memory-snapshot-path")
+    memory_snapshot_path: str = arg("snapshot.pickle", "CUDA allocator history file (rank appended: snapshot_0.pickle)")
+    wandb_project: Optional[str] = arg(None, "log the scalars to this Weights & Biases project (last rank)")
+    wandb_exp_name: Optional[str] = arg(None, "W&B run name (default: W&B's)")
+    wandb_save_dir: Optional[str] = arg(None, "W&B files (default <save>/wandb, else ./wandb)")
+    wandb_entity: Optional[str] = arg(None, "W&B entity (team or user)")
+    manual_gc: bool = arg(False, "turn Python's automatic garbage collector off and collect on every rank at the same "
+                          "iterations (steadier step times)")
+    manual_gc_interval: int = arg(0, "with --manual-gc: collect every N iterations (0: only around evaluation)")
+    manual_gc_eval: bool = arg(True, "with --manual-gc: no collection before and after evaluation",
+                               flag="--no-manual-gc-eval")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration: printed at start-up and saved in checkpoints."""
 
@@ -262,20 +306,22 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return cls(**{name: section(**d[name]) for name, section in SECTIONS.items()})
+        # A section newer than the checkpoint (e.g. logging) takes its defaults.
+        return cls(**{name: section(**d.get(name, {})) for name, section in SECTIONS.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
-             "train": TrainConfig, "data": DataConfig}
+             "train": TrainConfig, "data": DataConfig, "logging": LoggingConfig}
 
 
 def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
@@ -571,6 +617,7 @@ def validate(config: Config, world_size: int) -> None:
         steps = schedule_steps(config, dp)
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
+    problems += logging_problems(config)
     if t.non_persistent_ckpt_type not in (None, "global"):
         problems.append(f"--non-persistent-ckpt-type {t.non_persistent_ckpt_type} is not supported: only global "
                         f"(a full checkpoint in --non-persistent-global-ckpt-dir)")
@@ -623,6 +670,29 @@ def data_problems(d: DataConfig) -> list[str]:
                  f"boundaries and learned positions count from the sample start, as Megatron's default)"
                  for flag, on in (("--reset-position-ids", d.reset_position_ids),
                                   ("--reset-attention-mask", d.reset_attention_mask)) if on]
+    return problems
+
+
+def logging_problems(config: Config) -> list[str]:
+    """Observability flags that cannot run (LoggingConfig); whether wandb is installed is training.setup's check."""
+    lg, t = config.logging, config.train
+    problems = []
+    if lg.tensorboard_log_interval < 1:
+        problems.append(f"--tensorboard-log-interval must be >= 1, got {lg.tensorboard_log_interval}")
+    if lg.manual_gc_interval < 0:
+        problems.append(f"--manual-gc-interval must be >= 0, got {lg.manual_gc_interval}")
+    if lg.profile:
+        if not 0 <= lg.profile_step_start < lg.profile_step_end:
+            problems.append(f"need 0 <= --profile-step-start ({lg.profile_step_start}) < --profile-step-end "
+                            f"({lg.profile_step_end})")
+        if not (t.tensorboard_dir or t.save):
+            problems.append("--profile writes its trace beside the TensorBoard logs or the checkpoints: give "
+                            "--tensorboard-dir or --save")
+    if config.parallel.deepspeed:
+        native_only = [flag for flag, on in (("--log-params-norm", lg.log_params_norm),
+                                             ("--log-num-zeros-in-grad", config.optim.log_num_zeros_in_grad)) if on]
+        if native_only:
+            problems.append(f"{', '.join(native_only)}: computed by megagpt's native optimizer, not with --deepspeed")
     return problems
 
 

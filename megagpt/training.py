@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -34,8 +33,9 @@ from megagpt.run_control import RunControl
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
 from megagpt.parallel.state import ParallelState
-from megagpt.train_log import (IterationStats, TensorBoardLog, format_log_line, format_validation_line,
-                               model_flops_per_iteration)
+from megagpt.profiling import Instruments
+from megagpt.timers import Timers
+from megagpt.train_log import TrainingLog, wandb_problems
 
 
 @dataclass
@@ -67,7 +67,7 @@ def environment_problems(config: Config) -> list[str]:
             has_checkpoint(config.train.load, p.deepspeed)
         except CheckpointError as exc:
             problems.append(str(exc))
-    return problems
+    return problems + wandb_problems(config)
 
 
 def resume_directory(config: Config, verbose: bool) -> Optional[str]:
@@ -163,7 +163,9 @@ class Trainer:
             config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=num_model_chunks(config),
             sequence_parallel=config.parallel.sequence_parallel, params_dtype=params_dtype(config), device=device)
         self.num_microbatches = num_microbatches(config, ps.dp_size)
-        self.engine: Engine = build_engine(config, self.chunks, ps, self.tracker, launch.local_rank)
+        lg = config.logging    # the run's one Timers: the engine, optimizer and pipeline executor time into it
+        self.timers = Timers(lg.timing_log_level, lg.timing_log_option, device, lg.barrier_with_l1_time)
+        self.engine: Engine = build_engine(config, self.chunks, ps, self.tracker, launch.local_rank, self.timers)
         self.consumed_samples = 0
         self.consumed_valid_samples = 0   # validation samples read so far: a resume continues from there
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
@@ -217,7 +219,8 @@ class Trainer:
         self.valid_data = make(valid, self.consumed_valid_samples) if valid is not None else None
 
     def _next_batches(self, data: Optional[MicroBatches], count: int) -> list[MicroBatch]:
-        return data.next_step(count) if data is not None else []
+        with self.timers("batch-generator", 2):
+            return data.next_step(count) if data is not None else []
 
     @property
     def global_batch_size(self) -> int:
@@ -319,10 +322,12 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
     t = config.train
     total_iters = train_iters(config, ps.dp_size)
     control = RunControl(t, None, trainer.device)
+    instruments = Instruments(config, ps.rank, trainer.device, trainer.start_iteration)  # profiler, manual GC
     try:
-        result = _iterate(config, trainer, ps, log, total_iters, control)
+        result = _iterate(config, trainer, ps, log, total_iters, control, instruments)
     finally:
         control.close()
+        instruments.close()
     if t.save and result.exit_reason is None and trainer.last_saved < total_iters:
         trainer.save(t.save, total_iters)
     trainer.poll_save(block=True)
@@ -331,13 +336,11 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
 
 
 def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, total_iters: int,
-             control: RunControl) -> TrainResult:
+             control: RunControl, instruments: Instruments) -> TrainResult:
     """The iterations, their log lines, evaluations and checkpoints, until --train-iters or an exit flag."""
     t = config.train
-    is_logger = log and ps.rank == ps.world_size - 1  # the last rank holds the loss (Megatron prints there)
-    board = TensorBoardLog(t.tensorboard_dir if is_logger else None)
+    report = TrainingLog(config, ps, trainer.timers, trainer.chunks, total_iters, log)
     result = TrainResult()
-    window_start, window_losses, window_iters, window_samples = time.perf_counter(), [], 0, 0
     for iteration in range(trainer.start_iteration + 1, total_iters + 1):
         gbs = trainer.global_batch_size
         loss, ok, grad_norm = trainer.train_step()
@@ -345,32 +348,17 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
         result.grad_norms.append(grad_norm)
         result.global_batch_sizes.append(gbs)
         result.skipped_iterations += 0 if ok else 1
-        window_losses.append(loss)
-        window_iters, window_samples = window_iters + 1, window_samples + gbs
-        if iteration % t.log_interval == 0 or iteration == total_iters:
-            elapsed = (time.perf_counter() - window_start) / window_iters
-            flops = model_flops_per_iteration(config, trainer.chunks[0].padded_vocab, window_samples / window_iters)
-            stats = IterationStats(
-                iteration=iteration, train_iters=total_iters, consumed_samples=trainer.consumed_samples,
-                elapsed_ms=elapsed * 1000.0, tflops_per_gpu=flops / elapsed / ps.world_size / 1e12,
-                tokens_per_second=window_samples / window_iters * config.model.seq_length / elapsed,
-                learning_rate=trainer.engine.learning_rate, global_batch_size=gbs,
-                lm_loss=float(np.mean(window_losses)), loss_scale=trainer.engine.loss_scale,
-                grad_norm=grad_norm, skipped_iterations=result.skipped_iterations,
-                nan_iterations=sum(1 for x in window_losses if not np.isfinite(x)))
-            if is_logger:
-                print(format_log_line(stats), flush=True)
-            board.iteration(stats)
-            window_start, window_losses, window_iters, window_samples = time.perf_counter(), [], 0, 0
-        paused_at = time.perf_counter()  # reports, evaluation and saving are left out of the per-iteration time
+        report.iteration(iteration, loss, grad_norm, gbs, trainer.consumed_samples, result.skipped_iterations,
+                         trainer.engine)
+        report.pause()  # reports, evaluation, saving, profiler and manual GC are left out of the iteration time
+        instruments.after_iteration(iteration)
         if log and iteration == trainer.start_iteration + 1:
             print_memory(trainer, ps, iteration)
         if trainer.datasets[1] is not None and t.eval_interval and iteration % t.eval_interval == 0:
-            val = trainer.evaluate()  # every rank joins: middle stages run the schedule without data
+            with instruments.evaluation():
+                val = trainer.evaluate()  # every rank joins: middle stages run the schedule without data
             result.validation_losses.append(val)
-            if is_logger:
-                print(format_validation_line(iteration, val), flush=True)
-            board.validation(iteration, val)
+            report.validation(iteration, val, trainer.consumed_samples)
         if t.save and t.save_interval and iteration % t.save_interval == 0:
             trainer.save(t.save, iteration)
         elif t.non_persistent_save_interval and iteration % t.non_persistent_save_interval == 0:
@@ -383,8 +371,8 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
                 print(f" exiting after iteration {iteration}: {control.reason}", flush=True)
             result.exit_reason = control.reason
             break
-        window_start += time.perf_counter() - paused_at
-    board.close()
+        report.resume()
+    report.close()
     return result
 
 

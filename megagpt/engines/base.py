@@ -51,5 +51,9 @@ class Engine(Protocol):
     @property
     def learning_rate(self) -> float: ...
 
+    @property
+    def num_zeros_in_grad(self) -> Optional[int]:
+        """Zero gradient entries of the last step under --log-num-zeros-in-grad, else None."""
+
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of this rank's parameters, gradients and optimizer state, measured from the tensors."""

@@ -184,6 +184,10 @@ class DeepSpeedEngine:
         return float(getattr(self.optimizer, "cur_scale", 1.0)) if self.engine.fp16_enabled() else 1.0
 
     @property
+    def num_zeros_in_grad(self) -> Optional[int]:
+        return None   # config.validate refuses --log-num-zeros-in-grad with --deepspeed
+
+    @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 

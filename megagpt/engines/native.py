@@ -19,6 +19,7 @@ from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.executor import broadcast_losses, forward_backward
 from megagpt.pipeline.schedules import Instr
+from megagpt.timers import Timers
 
 
 def params_dtype(config: Config) -> torch.dtype:
@@ -27,7 +28,7 @@ def params_dtype(config: Config) -> torch.dtype:
 
 def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, batches: list[MicroBatch], count: int,
                  forward_only: bool, loss_scale: float = 1.0,
-                 on_instruction: Optional[Callable[[Instr], None]] = None) -> float:
+                 on_instruction: Optional[Callable[[Instr], None]] = None, timers: Optional[Timers] = None) -> float:
     """Run one round of micro-batches through this rank's pipeline schedule; returns the mean micro-batch loss
     (broadcast from the last stage, so every stage returns it). Backward scales each of the `count` losses by
     loss_scale / count, so the grads are those of the mean."""
@@ -45,7 +46,7 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
 
     losses = forward_backward(forward_step, count, ps, activation_shape(config, ps), params_dtype(config), device,
                               num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,
-                              schedule=config.parallel.pipeline_schedule)
+                              schedule=config.parallel.pipeline_schedule, timers=timers)
     return broadcast_losses(losses, ps, device)
 
 
@@ -61,17 +62,20 @@ class NativeEngine:
     """Model chunks + TrainingOptimizer + the pipeline executor; saves megagpt's sharded checkpoints."""
 
     def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState,
-                 tracker: tp_random.RNGStatesTracker) -> None:
+                 tracker: tp_random.RNGStatesTracker, timers: Optional[Timers] = None) -> None:
         self.config, self.chunks, self.ps, self.tracker = config, chunks, ps, tracker
-        self.optimizer = TrainingOptimizer(config, chunks, ps)
+        self.timers = timers or Timers()
+        self.optimizer = TrainingOptimizer(config, chunks, ps, self.timers)
         device = next(chunks[0].parameters()).device
         self.writer = AsyncCheckpointWriter(ps, device) if config.train.async_save else None
 
     def train_step(self, batches: list[MicroBatch], num_microbatches: int,
                    global_batch_size: int) -> tuple[float, bool, Optional[float]]:
         self.optimizer.zero_grad(num_microbatches)
-        loss = run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=False,
-                            loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction)
+        with self.timers("forward-backward", 1):
+            loss = run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=False,
+                                loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction,
+                                timers=self.timers)
         ok, grad_norm = self.optimizer.step(global_batch_size)
         return loss, ok, grad_norm
 
@@ -99,6 +103,10 @@ class NativeEngine:
     @property
     def learning_rate(self) -> float:
         return self.optimizer.learning_rate
+
+    @property
+    def num_zeros_in_grad(self) -> Optional[int]:
+        return self.optimizer.num_zeros_in_grad
 
     def memory_bytes(self) -> dict[str, int]:
         return self.optimizer.memory_bytes()

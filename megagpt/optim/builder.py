@@ -16,14 +16,17 @@ from megagpt.optim.mixed_precision import MixedPrecisionOptimizer
 from megagpt.optim.zero import DistributedOptimizer
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.schedules import Instr
+from megagpt.timers import Timers
 
 
 class TrainingOptimizer:
     """Reducer + optimizer + scheduler for this rank's model chunks."""
 
-    def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState) -> None:
+    def __init__(self, config: Config, chunks: list[nn.Module], ps: ParallelState,
+                 timers: Optional[Timers] = None) -> None:
         p, o = config.parallel, config.optim
         self.ps = ps
+        self.timers = timers or Timers()
         named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
         self.params = [param for _, param in named]
         self.reducer = DataParallelGradReducer(
@@ -31,9 +34,10 @@ class TrainingOptimizer:
             overlap_grad_reduce=p.overlap_grad_reduce, zero_stage=p.zero_stage)
         optimizer_cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
         self.optimizer = optimizer_cls(self.params, ps, o, reducer=self.reducer,
-                                       param_names={param: name for name, param in named})
+                                       param_names={param: name for name, param in named}, timers=self.timers)
         self.scheduler = build_scheduler(self.optimizer, o, schedule_steps(config, ps.dp_size))
         self.num_microbatches = 0   # of the running step (the global batch may ramp up): set by zero_grad
+        self.num_zeros_in_grad: Optional[int] = None   # of the last step, with --log-num-zeros-in-grad
 
     def zero_grad(self, num_microbatches: int) -> None:
         """Start a step of `num_microbatches` micro-batches per DP rank."""
@@ -49,10 +53,13 @@ class TrainingOptimizer:
         """Finish grads (SP and tied-embedding sums, DP reduction), update, advance the LR schedule by this step's
         samples (Megatron counts the schedule in samples)."""
         self.reducer.is_last_microbatch = True
-        finalize_model_grads(self.params, self.ps, self.reducer)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=global_batch_size)
+        self.num_zeros_in_grad = None
+        with self.timers("all-grads-sync", 1):
+            finalize_model_grads(self.params, self.ps, self.reducer, self.timers)
+        with self.timers("optimizer", 1):
+            ok, grad_norm, self.num_zeros_in_grad = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=global_batch_size)
         return ok, grad_norm
 
     @property

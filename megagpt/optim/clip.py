@@ -78,6 +78,14 @@ def get_grad_norm(params: Iterable[nn.Parameter], ps, grads_for_norm: Optional[l
     return float(total.sqrt().item())
 
 
+def get_params_norm(params: Iterable[nn.Parameter], ps) -> float:
+    """L2 norm of the model's weights over every rank (--log-params-norm), each weight counted once by the same rule
+    as the grad norm: a TP replica or the tied-embedding copy would otherwise count twice. Every DP rank holds the
+    whole model, so the sum spans ps.mp_group only."""
+    params = list(params)
+    return get_grad_norm(params, ps, grads_for_norm=[p.detach() for p in params if param_counts_toward_norm(p, ps)])
+
+
 def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
     """Scale `grads` in place by max_norm / (total_norm + 1e-6) when that is below 1 (torch and Megatron rule)."""
     coeff = max_norm / (total_norm + 1.0e-6)

@@ -36,6 +36,7 @@ from megagpt.optim.bucket_layout import (BUCKET_ALIGN, KIND_DP, KIND_EMBEDDING_S
 from megagpt.optim.clip import param_grad
 from megagpt.parallel import comm
 from megagpt.parallel.param_tags import is_sequence_parallel, is_shared_embedding
+from megagpt.timers import Timers
 
 
 
@@ -338,7 +339,8 @@ def _coalesced_all_reduce(tensors: list[torch.Tensor], group) -> None:
         offset += t.numel()
 
 
-def finalize_model_grads(params: Iterable[nn.Parameter], ps, reducer: Optional[DataParallelGradReducer]) -> None:
+def finalize_model_grads(params: Iterable[nn.Parameter], ps, reducer: Optional[DataParallelGradReducer],
+                         timers: Optional[Timers] = None) -> None:
     """Make every grad final after the last backward of a step, in this order:
 
     1. all-reduce over ps.tp_group the grads of `sequence_parallel` params (each TP rank saw only its sequence
@@ -349,15 +351,21 @@ def finalize_model_grads(params: Iterable[nn.Parameter], ps, reducer: Optional[D
     Why this order: the TP and embedding sums act on full per-parameter grads. Done after (3) they would see only
     the DP-owned shard under ZeRO (and nothing at all once ZeRO-2 has released the bucket) and would race with an
     in-flight overlapped DP collective on the same memory. So those params live in separate buckets that the
-    overlap hooks never launch, and the DP reduction always comes last.
+    overlap hooks never launch, and the DP reduction always comes last. `timers` (level 1) time the three under
+    Megatron's names (layernorm-grads-all-reduce, embedding-grads-all-reduce) and grads-all-reduce or, under ZeRO,
+    grads-reduce-scatter (with overlap, the wait for the in-flight buckets).
     """
     params = list(params)
+    timers = timers or Timers()
     if reducer is not None:
         if ps.tp_size > 1:
-            _coalesced_all_reduce(reducer.pre_reduction_grads(KIND_TP_SYNC), ps.tp_group)
+            with timers("layernorm-grads-all-reduce", 1):
+                _coalesced_all_reduce(reducer.pre_reduction_grads(KIND_TP_SYNC), ps.tp_group)
         if ps.pp_size > 1:
-            _coalesced_all_reduce(reducer.pre_reduction_grads(KIND_EMBEDDING_SYNC), ps.embedding_group)
-        reducer.finish_grad_sync()
+            with timers("embedding-grads-all-reduce", 1):
+                _coalesced_all_reduce(reducer.pre_reduction_grads(KIND_EMBEDDING_SYNC), ps.embedding_group)
+        with timers("grads-reduce-scatter" if reducer.use_distributed_optimizer else "grads-all-reduce", 1):
+            reducer.finish_grad_sync()
         return
     if ps.tp_size > 1:
         _coalesced_all_reduce([param_grad(p) for p in params if is_sequence_parallel(p)

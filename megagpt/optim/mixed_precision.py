@@ -22,6 +22,7 @@ from torch import nn
 from megagpt.config import OptimConfig, optimizer_problems, raise_if
 from megagpt.optim.clip import clip_grads_, get_grad_norm, param_counts_toward_norm, param_grad
 from megagpt.parallel import comm
+from megagpt.timers import Timers
 
 
 class ConstantLossScaler:
@@ -142,9 +143,10 @@ class MixedPrecisionOptimizer:
     dp_sharded = False
 
     def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimConfig, reducer=None,
-                 param_names: Optional[Mapping[nn.Parameter, str]] = None) -> None:
+                 param_names: Optional[Mapping[nn.Parameter, str]] = None, timers: Optional[Timers] = None) -> None:
         raise_if(optimizer_problems(config), "invalid optimizer settings")
         self.ps, self.config, self.reducer = ps, config, reducer
+        self.timers = timers or Timers()
         if reducer is not None:
             self.params = list(reducer.params)
         else:

@@ -26,6 +26,7 @@ from megagpt.config import OptimConfig
 from megagpt.optim.grad_buffer import DataParallelGradReducer
 from megagpt.optim.mixed_precision import MixedPrecisionOptimizer, _Slot
 from megagpt.parallel import comm
+from megagpt.timers import Timers
 
 
 class DistributedOptimizer(MixedPrecisionOptimizer):
@@ -40,11 +41,11 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     def __init__(self, params: Iterable[nn.Parameter], ps, config: OptimConfig,
                  reducer: DataParallelGradReducer,
-                 param_names: Optional[Mapping[nn.Parameter, str]] = None) -> None:
+                 param_names: Optional[Mapping[nn.Parameter, str]] = None, timers: Optional[Timers] = None) -> None:
         if reducer is None or not reducer.use_distributed_optimizer:
             raise ValueError("DistributedOptimizer needs a DataParallelGradReducer built with "
                              "use_distributed_optimizer=True (its buffers define the shards)")
-        super().__init__(params, ps, config, reducer, param_names)
+        super().__init__(params, ps, config, reducer, param_names, timers)
 
     def _build_slots(self) -> list[_Slot]:
         slots = []
@@ -63,15 +64,16 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
     def _copy_masters_to_model(self) -> None:
         """Write the owned shards into the param buffer, then all-gather every bucket over DP (in place)."""
         super()._copy_masters_to_model()
-        handles = []
-        for buf in self.reducer.buffers:
-            for b in buf.buckets:
-                lo, hi = b.owned_range(self.ps.dp_size, self.ps.dp_rank)
-                handles.append(comm.all_gather_into(buf.param_bucket_data(b), buf.param_data[lo:hi],
-                                                    self.ps.dp_group, async_op=True))
-        for h in handles:
-            if h is not None:
-                h.wait()
+        with self.timers("params-all-gather", 1):
+            handles = []
+            for buf in self.reducer.buffers:
+                for b in buf.buckets:
+                    lo, hi = b.owned_range(self.ps.dp_size, self.ps.dp_rank)
+                    handles.append(comm.all_gather_into(buf.param_bucket_data(b), buf.param_data[lo:hi],
+                                                        self.ps.dp_group, async_op=True))
+            for h in handles:
+                if h is not None:
+                    h.wait()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -29,6 +29,7 @@ from megagpt.parallel.state import ParallelState, virtual_stage
 from megagpt.pipeline.instructions import Instr, group_steps, neighbour_stage
 from megagpt.pipeline.p2p import exchange
 from megagpt.pipeline.schedules import build_schedule
+from megagpt.timers import Timers, p2p_timer_name
 
 ForwardStep = Callable[[int, int, Optional[torch.Tensor]], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -133,6 +134,7 @@ def forward_backward(
     forward_only: bool = False,
     on_instruction: Optional[Callable[[Instr], None]] = None,
     schedule: Optional[str] = None,
+    timers: Optional[Timers] = None,
 ) -> list[torch.Tensor]:
     """Forward (and unless `forward_only`, backward) every micro-batch through this rank's pipeline stage.
 
@@ -144,7 +146,7 @@ def forward_backward(
     `on_instruction(instr)` is called before each instruction runs (instrumentation for tests/benchmarks, and
     the grad buffer's last-micro-batch flag). `schedule` names it (schedules.SCHEDULES; None: 1F1B or interleaved
     by the number of chunks); zb-v needs `ps` built with the same schedule, which decides where layers and the loss
-    live.
+    live. `timers` (level 2) times each compute instruction and pipeline exchange under Megatron's names.
 
     Returns the per-micro-batch reporting losses, in micro-batch order, on the last stage; [] elsewhere.
     """
@@ -154,20 +156,34 @@ def forward_backward(
                          f"{ps.pipeline_schedule!r}) place the model chunks differently")
     instrs = build_schedule(num_microbatches, ps.pp_size, ps.pp_rank, num_chunks, forward_only, schedule)
     run = _Run(forward_step, ps, num_chunks, forward_only, v_shape)
+    timers = timers or Timers()
     compute = {"forward": run.forward, "backward": run.backward, "backward_input": run.backward,
                "backward_weight": run.weight}
     for step in group_steps(instrs):
         if isinstance(step, Instr):
             if on_instruction is not None:
                 on_instruction(step)
-            compute[step.op](step)
+            with timers(COMPUTE_TIMERS[step.op], 2):
+                compute[step.op](step)
             continue
         if on_instruction is not None:
             for ins in step:
                 on_instruction(ins)
-        run.communicate(step, tensor_shape, dtype, device)
+        with timers(_exchange_timer(step), 2):
+            run.communicate(step, tensor_shape, dtype, device)
     run.check_drained()
     return [run.losses[mb] for mb in sorted(run.losses)]
+
+
+COMPUTE_TIMERS = {"forward": "forward-compute", "backward": "backward-compute", "backward_input": "backward-compute",
+                  "backward_weight": "backward-compute"}   # a split backward's B and W are both backward compute
+
+
+def _exchange_timer(step: tuple) -> str:
+    """The Megatron timer name of one batched exchange (e.g. send_forward + recv_backward: forward-send-backward-recv)."""
+    sends = {ins.op.split("_")[1] for ins in step if ins.op.startswith("send")}
+    recvs = {ins.op.split("_")[1] for ins in step if ins.op.startswith("recv")}
+    return p2p_timer_name(sends, recvs)
 
 
 def broadcast_losses(losses: list[torch.Tensor], ps: ParallelState,
