@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-deepspeed install-mpi demo test test-fast check-cuda bench clean
+.PHONY: install install-deepspeed install-mpi install-wandb demo test test-fast check-cuda bench clean
 
 # The venv, pinned CPU torch (never a bare `torch`), then our C++ extensions built against it.
 $(STAMP): requirements.txt setup.py pyproject.toml csrc/*.cpp
@@ -24,6 +24,10 @@ install-deepspeed: install
 # Optional mpirun launcher: mpi4py plus the MPICH wheel, which puts `mpiexec` into the venv.
 install-mpi: install
 	$(PIP) install -q torch==2.13.0 mpi4py==4.1.2 mpich==5.0.2
+
+# Optional Weights & Biases logging (--wandb-project); WANDB_MODE=offline logs without an account or network.
+install-wandb: install
+	$(PIP) install -q torch==2.13.0 wandb==0.31.0
 
 demo: install
 	bash examples/run_cpu_demo.sh
