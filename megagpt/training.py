@@ -219,8 +219,7 @@ class Trainer:
         self.valid_data = make(valid, self.consumed_valid_samples) if valid is not None else None
 
     def _next_batches(self, data: Optional[MicroBatches], count: int) -> list[MicroBatch]:
-        with self.timers("batch-generator", 2):
-            return data.next_step(count) if data is not None else []
+        return data.next_step(count) if data is not None else []
 
     @property
     def global_batch_size(self) -> int:
@@ -238,7 +237,9 @@ class Trainer:
             model.train()
         gbs = self.global_batch_size
         count = gbs // (self.config.train.micro_batch_size * self.ps.dp_size)
-        loss, ok, grad_norm = self.engine.train_step(self._next_batches(self.train_data, count), count, gbs)
+        with self.timers("batch-generator", 2):     # training data only: evaluation is outside the timed interval
+            batches = self._next_batches(self.train_data, count)
+        loss, ok, grad_norm = self.engine.train_step(batches, count, gbs)
         self.consumed_samples += gbs
         return self._mean_over_dp(loss), ok, grad_norm
 
