@@ -1,125 +1,15 @@
-"""Pipeline schedules without processes: every stage simulated together.
-
-The simulator below is the reference for the instruction semantics of megagpt/pipeline/schedules.py, under the
-strictest transport: a send completes only when the receiver has posted the matching receive (rendezvous, as
-NCCL and large gloo messages behave), each batch (run of adjacent communication instructions) waits for all of
-its operations, and messages pair first-in-first-out per (sender, receiver) direction. A schedule passes only if
-this machine runs to the end, and every pairing joins the same (kind, micro-batch, virtual stage).
-"""
+"""Pipeline schedules without processes: every stage simulated together (megagpt/pipeline/simulator.py, the
+reference for the instruction semantics: rendezvous sends, FIFO channels, batches that wait for all their ops)."""
 from __future__ import annotations
 
 import itertools
 import random
-from collections import Counter
 
 import pytest
 
-from megagpt.parallel.state import virtual_stage
+from megagpt.pipeline.simulator import Deadlock, ScheduleError, simulate
 from megagpt.pipeline.schedules import (Instr, build_schedule, group_steps, interleaved_warmup,
                                         schedule_1f1b, schedule_interleaved, schedule_no_pipelining)
-
-
-class Deadlock(AssertionError):
-    pass
-
-
-def _message(ins: Instr, rank: int, p: int, v: int = 1, v_shape: bool = False) -> tuple[int, int, str, tuple]:
-    """(src, dst, send|recv, identity) of a communication instruction on `rank`; identity names the sender.
-
-    Peers follow the placement rule only (virtual stage vs -> vs + 1 for activations), not the library's peer code."""
-    vs = virtual_stage(p, rank, ins.chunk, v, v_shape)
-    stages = {virtual_stage(p, r, c, v, v_shape): r for r in range(p) for c in range(v)}
-
-    def where(stage: int) -> int:
-        assert stage in stages, f"{ins} on rank {rank}: no virtual stage {stage}"
-        return stages[stage]
-
-    if ins.op == "send_forward":
-        return rank, where(vs + 1), "send", ("act", ins.microbatch, vs)
-    if ins.op == "recv_forward":
-        return where(vs - 1), rank, "recv", ("act", ins.microbatch, vs - 1)
-    if ins.op == "send_backward":
-        return rank, where(vs - 1), "send", ("grad", ins.microbatch, vs)
-    assert ins.op == "recv_backward"
-    return where(vs + 1), rank, "recv", ("grad", ins.microbatch, vs + 1)
-
-
-DURATION = {"forward": "f", "backward": "b", "backward_input": "bi", "backward_weight": "bw"}
-
-
-def simulate(schedules: list[list[Instr]], t_fwd=1.0, t_bwd=2.0, v_shape: bool = False) -> dict:
-    """Run all stages under rendezvous semantics; return makespan, busy time and compute events per stage.
-
-    t_fwd / t_bwd: compute time of one forward / whole backward, a number or a list with one per stage; a split
-    backward's B and W each take half of t_bwd. v_shape: the chunks are placed in a V (zb-v).
-    """
-    p = len(schedules)
-    v = 1 + max(ins.chunk for s in schedules for ins in s)
-    t_fwd = t_fwd if isinstance(t_fwd, list) else [t_fwd] * p
-    t_bwd = t_bwd if isinstance(t_bwd, list) else [t_bwd] * p
-    times = [{"f": t_fwd[r], "b": t_bwd[r], "bi": t_bwd[r] / 2, "bw": t_bwd[r] / 2} for r in range(p)]
-    steps = [group_steps(s) for s in schedules]
-    # Number every op in its direction: the n-th send on (src, dst) meets the n-th receive on (src, dst).
-    keyed: list[list] = []
-    for r, st in enumerate(steps):
-        seq: Counter = Counter()
-        rows = []
-        for step in st:
-            if isinstance(step, Instr):
-                rows.append(step)
-                continue
-            ops = []
-            for ins in step:
-                src, dst, kind, ident = _message(ins, r, p, v, v_shape)
-                ops.append(((src, dst, seq[(src, dst, kind)], kind), ident))
-                seq[(src, dst, kind)] += 1
-            rows.append(ops)
-        keyed.append(rows)
-    pos, clock = [0] * p, [0.0] * p
-    posted: dict[tuple, tuple] = {}          # op key -> (identity, post time)
-    matched: dict[tuple, float] = {}         # op key -> match time
-    busy = [0.0] * p
-    events: list[list[tuple]] = [[] for _ in range(p)]
-    while any(pos[r] < len(keyed[r]) for r in range(p)):
-        progress = False
-        for r in range(p):
-            while pos[r] < len(keyed[r]):
-                step = keyed[r][pos[r]]
-                if isinstance(step, Instr):
-                    dur = times[r][DURATION[step.op]]
-                    events[r].append((step.op, step.microbatch, step.chunk, clock[r], clock[r] + dur))
-                    clock[r] += dur
-                    busy[r] += dur
-                    pos[r] += 1
-                    progress = True
-                    continue
-                for key, ident in step:
-                    if key not in posted and key not in matched:
-                        posted[key] = (ident, clock[r])
-                        progress = True
-                for key, ident in step:
-                    if key in matched:
-                        continue
-                    other = key[:3] + ("recv" if key[3] == "send" else "send",)
-                    if other in posted:
-                        other_ident, other_t = posted.pop(other)
-                        _, t = posted.pop(key)
-                        if other_ident != ident:
-                            raise AssertionError(f"channel {key[:2]} message #{key[2]}: {key[3]} of {ident} "
-                                                 f"meets {other_ident}")
-                        matched[key] = matched[other] = max(t, other_t)
-                        progress = True
-                if all(key in matched for key, _ in step):
-                    clock[r] = max([clock[r]] + [matched[key] for key, _ in step])
-                    pos[r] += 1
-                    progress = True
-                    continue
-                break
-        if not progress:
-            stuck = {r: keyed[r][pos[r]] for r in range(p) if pos[r] < len(keyed[r])}
-            raise Deadlock(f"deadlock; stages wait in {stuck}")
-    assert not posted, f"unmatched operations at the end: {posted}"
-    return {"makespan": max(clock), "busy": busy, "events": events}
 
 
 def peak_in_flight(instrs: list[Instr], until: str = "backward") -> int:
@@ -222,7 +112,7 @@ def test_zb_v_schedule(m, p):
     assert 6 * m + p - 1 <= sim["makespan"] <= 6 * m + p - 1 + max(0, p - 4)
     # The last rank hands chunk 0's activation to its own chunk 1: no message crosses at the turn.
     assert not any(i.op == "send_forward" and i.chunk == 0 for i in scheds[-1])
-    with pytest.raises(AssertionError):     # the lists only make sense with the V placement
+    with pytest.raises(ScheduleError):     # the lists only make sense with the V placement
         simulate(scheds, v_shape=False)
 
 
@@ -287,7 +177,7 @@ def test_simulator_catches_deadlock_and_mismatch():
     # Wrong micro-batch on the other end of a channel.
     s0 = [Instr("forward", 0), Instr("send_forward", 0), Instr("recv_backward", 0), Instr("backward", 0)]
     s1_wrong = [Instr("recv_forward", 1), Instr("forward", 1), Instr("backward", 1), Instr("send_backward", 1)]
-    with pytest.raises(AssertionError, match="meets"):
+    with pytest.raises(ScheduleError, match="meets"):
         simulate([s0, s1_wrong])
 
 
