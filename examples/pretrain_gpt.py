@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from megagpt.cli import parse_args
 from megagpt.config import ConfigError
+from megagpt.diagnostics.numerics import NumericalAbort
 from megagpt.training import pretrain
 
 
@@ -16,6 +17,9 @@ def main() -> int:
     except ConfigError as exc:
         print(f"megagpt: {exc}", file=sys.stderr, flush=True)
         return 2
+    except NumericalAbort as exc:     # NaN/Inf or diverged replicas under the abort policy: nothing was saved
+        print(f"megagpt: aborted: {exc}", file=sys.stderr, flush=True)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

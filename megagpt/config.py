@@ -252,7 +252,6 @@ class DataConfig:
     reset_attention_mask: bool = arg(False, "document-causal attention (not supported yet)")
 
 
-
 @dataclass
 class LoggingConfig:
     """Observability (Megatron-LM's logging, profiling and GC flags): what is measured and where it is written."""
@@ -298,6 +297,29 @@ class LoggingConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """When a run goes wrong: watchdog and hang forensics, numerical guardrails, straggler report (diagnostics/)."""
+
+    watchdog_timeout_seconds: float = arg(600.0, "no progress for this long on a rank: write hang reports, print "
+                                          "a summary naming the rank that did not arrive, exit non-zero (0: off)")
+    hang_report_dir: Optional[str] = arg(None, "where hang_report/ goes (default: --save, else --tensorboard-dir, "
+                                         "else the working directory)")
+    check_schedule: bool = arg(True, "before the first step, simulate every rank's pipeline instruction list and "
+                               "refuse unmatched sends/receives", flag="--no-check-schedule")
+    check_for_nan_in_loss_and_grad: bool = arg(True, "detect NaN/Inf in the loss and gradients after the backward "
+                                               "(agreed by all ranks)", flag="--no-check-for-nan-in-loss-and-grad")
+    on_nan: str = arg("abort", "on NaN/Inf: abort (exit non-zero, save nothing) or skip the update",
+                      choices=["abort", "skip"])
+    check_for_spiky_loss: bool = arg(False, "compare each step's loss with the running mean of the last 100")
+    spiky_loss_factor: float = arg(10.0, "a loss above this factor x the running mean is a spike")
+    on_spike: str = arg("warn", "on a loss spike: warn, or skip the update (rollback: not available yet)",
+                        choices=["warn", "skip", "rollback"])
+    check_replica_consistency_interval: Optional[int] = arg(None, "every N iterations, compare a hash of the "
+                                                            "parameters across data-parallel replicas")
+    log_straggler: bool = arg(False, "every log interval, print the slowest ranks' step time against the median")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration: printed at start-up and saved in checkpoints."""
 
@@ -307,6 +329,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -321,7 +344,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
-             "train": TrainConfig, "data": DataConfig, "logging": LoggingConfig}
+             "train": TrainConfig, "data": DataConfig, "logging": LoggingConfig, "diagnostics": DiagnosticsConfig}
 
 
 def num_parameters(model: ModelConfig, vocab_size: Optional[int] = None) -> int:
@@ -629,6 +652,7 @@ def validate(config: Config, world_size: int) -> None:
         ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints), ("--exit-interval", t.exit_interval),
         ("--exit-duration-in-mins", t.exit_duration_in_mins)) if value is not None and value <= 0]
     problems += data_problems(d)
+    problems += diagnostics_problems(config.diagnostics)
     raise_if(problems)
 
 
@@ -693,6 +717,21 @@ def logging_problems(config: Config) -> list[str]:
                                              ("--log-num-zeros-in-grad", config.optim.log_num_zeros_in_grad)) if on]
         if native_only:
             problems.append(f"{', '.join(native_only)}: computed by megagpt's native optimizer, not with --deepspeed")
+    return problems
+
+
+def diagnostics_problems(g: DiagnosticsConfig) -> list[str]:
+    problems = []
+    if g.watchdog_timeout_seconds < 0:
+        problems.append(f"--watchdog-timeout-seconds must be >= 0 (0: off), got {g.watchdog_timeout_seconds}")
+    if g.check_for_spiky_loss and g.spiky_loss_factor <= 1:
+        problems.append(f"--spiky-loss-factor must be > 1, got {g.spiky_loss_factor}")
+    if g.check_replica_consistency_interval is not None and g.check_replica_consistency_interval <= 0:
+        problems.append(f"--check-replica-consistency-interval must be positive, got "
+                        f"{g.check_replica_consistency_interval}")
+    if g.on_spike == "rollback":
+        problems.append("--on-spike rollback (reload the last checkpoint, skip the data since) is not available "
+                        "yet: use warn or skip")
     return problems
 
 

@@ -27,6 +27,7 @@ from megagpt.model.gpt import GPTModel, build_model_chunks
 from megagpt.engines import build_engine
 from megagpt.engines.base import Engine, MicroBatch
 from megagpt.engines.native import params_dtype
+from megagpt.diagnostics.guardrails import Guardrails
 from megagpt.parallel import comm
 from megagpt.plan import dry_run, startup_report
 from megagpt.run_control import RunControl
@@ -323,11 +324,14 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
     t = config.train
     total_iters = train_iters(config, ps.dp_size)
     control = RunControl(t, None, trainer.device)
+    guard = Guardrails(config, trainer, ps, log)   # pre-flight, NaN/spike checks, watchdog (diagnostics/)
     instruments = Instruments(config, ps.rank, trainer.device, trainer.start_iteration)  # profiler, manual GC
     try:
-        result = _iterate(config, trainer, ps, log, total_iters, control, instruments)
+        with guard.watching():
+            result = _iterate(config, trainer, ps, log, total_iters, control, guard, instruments)
     finally:
         control.close()
+        guard.close()
         instruments.close()
     if t.save and result.exit_reason is None and trainer.last_saved < total_iters:
         trainer.save(t.save, total_iters)
@@ -337,12 +341,13 @@ def train_loop(config: Config, trainer: Trainer, ps: ParallelState, log: bool = 
 
 
 def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, total_iters: int,
-             control: RunControl, instruments: Instruments) -> TrainResult:
+             control: RunControl, guard: Guardrails, instruments: Instruments) -> TrainResult:
     """The iterations, their log lines, evaluations and checkpoints, until --train-iters or an exit flag."""
     t = config.train
     report = TrainingLog(config, ps, trainer.timers, trainer.chunks, total_iters, log)
     result = TrainResult()
     for iteration in range(trainer.start_iteration + 1, total_iters + 1):
+        guard.begin_iteration(iteration)
         gbs = trainer.global_batch_size
         loss, ok, grad_norm = trainer.train_step()
         result.losses.append(loss)
@@ -351,6 +356,7 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
         result.skipped_iterations += 0 if ok else 1
         report.iteration(iteration, loss, grad_norm, gbs, trainer.consumed_samples, result.skipped_iterations,
                          trainer.engine)
+        guard.end_iteration(iteration)
         report.pause()  # reports, evaluation, saving, profiler and manual GC are left out of the iteration time
         instruments.after_iteration(iteration)
         if log and iteration == trainer.start_iteration + 1:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from megagpt.checkpoint.async_save import AsyncCheckpointWriter
 from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, prepare_checkpoint, save_checkpoint
 from megagpt.config import Config
+from megagpt.diagnostics.ledger import LEDGER
 from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.optim.builder import TrainingOptimizer
 from megagpt.parallel import random as tp_random
@@ -44,7 +45,8 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
         loss = token_mean(out, loss_mask)            # token mean of this micro-batch
         return loss * (loss_scale / count), loss.detach()
 
-    losses = forward_backward(forward_step, count, ps, activation_shape(config, ps), params_dtype(config), device,
+    losses = forward_backward(LEDGER.with_faults(forward_step), count, ps, activation_shape(config, ps),
+                              params_dtype(config), device,
                               num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,
                               schedule=config.parallel.pipeline_schedule, timers=timers)
     return broadcast_losses(losses, ps, device)
@@ -68,6 +70,7 @@ class NativeEngine:
         self.optimizer = TrainingOptimizer(config, chunks, ps, self.timers)
         device = next(chunks[0].parameters()).device
         self.writer = AsyncCheckpointWriter(ps, device) if config.train.async_save else None
+        self.guard: Optional[Callable[[float, list], bool]] = None   # diagnostics.numerics.StepGuard, when on
 
     def train_step(self, batches: list[MicroBatch], num_microbatches: int,
                    global_batch_size: int) -> tuple[float, bool, Optional[float]]:
@@ -76,7 +79,8 @@ class NativeEngine:
             loss = run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=False,
                                 loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction,
                                 timers=self.timers)
-        ok, grad_norm = self.optimizer.step(global_batch_size)
+        accept = (lambda named_grads: self.guard(loss, named_grads)) if self.guard is not None else None
+        ok, grad_norm = self.optimizer.step(global_batch_size, accept)
         return loss, ok, grad_norm
 
     def eval_step(self, batches: list[MicroBatch], num_microbatches: int) -> float:

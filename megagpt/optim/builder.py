@@ -5,11 +5,13 @@ it never learns whether grads are all-reduced or reduce-scattered, or which prec
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 from megagpt.config import Config, schedule_steps
+from megagpt.optim.clip import param_grad
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
 from megagpt.optim.lr_schedule import build_scheduler
 from megagpt.optim.mixed_precision import MixedPrecisionOptimizer
@@ -29,6 +31,7 @@ class TrainingOptimizer:
         self.timers = timers or Timers()
         named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
         self.params = [param for _, param in named]
+        self.named_params = named
         self.reducer = DataParallelGradReducer(
             self.params, ps, bucket_size=p.ddp_bucket_size, use_distributed_optimizer=p.use_distributed_optimizer,
             overlap_grad_reduce=p.overlap_grad_reduce, zero_stage=p.zero_stage)
@@ -49,13 +52,18 @@ class TrainingOptimizer:
         split backward's W gives the linear weights their grads, so a bucket holding them is ready only after it."""
         self.reducer.is_last_microbatch = instr.is_backward and instr.microbatch == self.num_microbatches - 1
 
-    def step(self, global_batch_size: int) -> tuple[bool, Optional[float]]:
+    def step(self, global_batch_size: int,
+             accept: Optional[Callable[[list[tuple[str, Optional[torch.Tensor]]]], bool]] = None,
+             ) -> tuple[bool, Optional[float]]:
         """Finish grads (SP and tied-embedding sums, DP reduction), update, advance the LR schedule by this step's
-        samples (Megatron counts the schedule in samples)."""
+        samples (Megatron counts the schedule in samples). `accept(named grads)` False drops the update (the
+        numerical guardrails of diagnostics/numerics.py judge the finished grads there)."""
         self.reducer.is_last_microbatch = True
         self.num_zeros_in_grad = None
         with self.timers("all-grads-sync", 1):
             finalize_model_grads(self.params, self.ps, self.reducer, self.timers)
+        if accept is not None and not accept([(name, param_grad(p)) for name, p in self.named_params]):
+            return False, None
         with self.timers("optimizer", 1):
             ok, grad_norm, self.num_zeros_in_grad = self.optimizer.step()
             if ok:

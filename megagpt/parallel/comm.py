@@ -3,21 +3,23 @@
 Callers never touch torch.distributed collectives directly; they use these wrappers so that
 (a) torch's renames (2.13: `all_gather_single` / `reduce_scatter_single` for `all_gather_into_tensor` /
     `reduce_scatter_tensor`) and NCCL's batched p2p are handled here, not in every caller, and
-(b) `count_bytes()` can count the algorithmic volume of a training step's collectives (bench/comm_volume.py).
+(b) `count_bytes()` can count the algorithmic volume of a training step's collectives (bench/comm_volume.py), and
+(c) every call is entered in the collective ledger (diagnostics/ledger.py) before it reaches the backend, so a hang
+    can be traced to the rank that never arrived (diagnostics/forensics.py).
 Groups of size 1 short-circuit without any call.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megagpt.diagnostics.ledger import LEDGER
+
 _active_counters: list[Counter] = []
-
-
 
 @contextlib.contextmanager
 def count_bytes() -> Iterator[Counter]:
@@ -35,6 +37,16 @@ def _record(kind: str, nbytes: float) -> None:
         counter[kind] += int(nbytes)
 
 
+def _logged(op: str, group, tensor: torch.Tensor, async_op: bool, call: Callable[[], object]):
+    """Run `call` between the ledger's begin and end; a fault-injection skip (tests only) returns None."""
+    entry = LEDGER.begin(op, group, tensor, async_op)
+    if entry is None:
+        return None
+    work = call()
+    LEDGER.end(entry)
+    return work
+
+
 def group_size(group) -> int:
     return dist.get_world_size(group)
 
@@ -45,7 +57,8 @@ def all_reduce(tensor: torch.Tensor, group, async_op: bool = False):
     if n == 1:
         return None
     _record("all_reduce", 2 * (n - 1) / n * tensor.numel() * tensor.element_size())
-    return dist.all_reduce(tensor, group=group, async_op=async_op)
+    return _logged("all_reduce", group, tensor, async_op,
+                   lambda: dist.all_reduce(tensor, group=group, async_op=async_op))
 
 
 def _flat_collective(new_name: str, old_name: str):
@@ -62,7 +75,8 @@ def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group, async_op:
         return None
     _record("all_gather", (n - 1) * input_.numel() * input_.element_size())
     gather = _flat_collective("all_gather_single", "all_gather_into_tensor")
-    return gather(output, input_.contiguous(), group=group, async_op=async_op)
+    return _logged("all_gather", group, input_, async_op,
+                   lambda: gather(output, input_.contiguous(), group=group, async_op=async_op))
 
 
 def reduce_scatter_into(output: torch.Tensor, input_: torch.Tensor, group, async_op: bool = False):
@@ -73,7 +87,8 @@ def reduce_scatter_into(output: torch.Tensor, input_: torch.Tensor, group, async
         return None
     _record("reduce_scatter", (n - 1) * output.numel() * output.element_size())
     scatter = _flat_collective("reduce_scatter_single", "reduce_scatter_tensor")
-    return scatter(output, input_.contiguous(), group=group, async_op=async_op)
+    return _logged("reduce_scatter", group, input_, async_op,
+                   lambda: scatter(output, input_.contiguous(), group=group, async_op=async_op))
 
 
 def broadcast(tensor: torch.Tensor, src: int, group, async_op: bool = False):
@@ -81,14 +96,16 @@ def broadcast(tensor: torch.Tensor, src: int, group, async_op: bool = False):
     if group_size(group) == 1:
         return None
     _record("broadcast", tensor.numel() * tensor.element_size() if dist.get_rank() == src else 0)
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    return _logged("broadcast", group, tensor, async_op,
+                   lambda: dist.broadcast(tensor, src=src, group=group, async_op=async_op))
 
 
 def all_reduce_max(tensor: torch.Tensor, group) -> None:
     n = group_size(group)
     if n > 1:
         _record("all_reduce_max", 2 * (n - 1) / n * tensor.numel() * tensor.element_size())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        _logged("all_reduce_max", group, tensor, False,
+                lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group))
 
 
 def batch_send_recv(ops: list[tuple[str, torch.Tensor, int]], group: Optional[object] = None) -> None:
@@ -101,10 +118,12 @@ def batch_send_recv(ops: list[tuple[str, torch.Tensor, int]], group: Optional[ob
     for kind, tensor, _ in ops:
         if kind == "send":
             _record("p2p", tensor.numel() * tensor.element_size())
+    entries = [LEDGER.begin_p2p(kind, t, peer) for kind, t, peer in ops]
     p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group=group) for kind, t, peer in ops]
     nccl = dist.get_backend(group) == "nccl"
     works = dist.batch_isend_irecv(p2p) if nccl else [op.op(op.tensor, op.peer, group=op.group) for op in p2p]
-    for w in works:
+    for w, entry in zip(works, entries):
         w.wait()
+        LEDGER.end(entry)
     if nccl:  # as Megatron: the received buffers may be read by another stream right after
         torch.cuda.synchronize()

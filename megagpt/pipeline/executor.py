@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import v_shaped
+from megagpt.diagnostics.ledger import LEDGER
 from megagpt.parallel import comm
 from megagpt.parallel.layers import WeightGradQueue, defer_weight_grads
 from megagpt.parallel.state import ParallelState, virtual_stage
@@ -161,11 +162,13 @@ def forward_backward(
                "backward_weight": run.weight}
     for step in group_steps(instrs):
         if isinstance(step, Instr):
+            LEDGER.set_instruction(step.op, step.microbatch)   # the context of the collectives it makes
             if on_instruction is not None:
                 on_instruction(step)
             with timers(COMPUTE_TIMERS[step.op], 2):
                 compute[step.op](step)
             continue
+        LEDGER.set_instruction("+".join(ins.op for ins in step), step[0].microbatch)
         if on_instruction is not None:
             for ins in step:
                 on_instruction(ins)
