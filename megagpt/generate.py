@@ -37,8 +37,8 @@ def load_for_generation(directory: str, iteration: Optional[int] = None,
     model = build_model_chunks(config.model, ps, seed=config.train.seed, tracker=tracker, device=device)[0]
     with torch.no_grad():
         for name, param in model.state_dict(keep_vars=True).items():
-            if name == OUTPUT_LAYER:   # a separate copy of the tied embedding exists only with PP > 1
-                continue
+            if name == OUTPUT_LAYER and not config.model.untie_embeddings_and_output_weights:
+                continue   # a separate copy of the tied embedding exists only with PP > 1 (an untied head: always)
             tensor = source.weight(name)
             if is_vocab_tensor(name, source.meta["tensors"][name]):
                 tensor = fit_vocab(tensor, config.model.vocab_size, param.shape[0])

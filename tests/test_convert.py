@@ -21,6 +21,7 @@ from model_utils import gather_tp
 from megagpt.checkpoint import sharded
 from megagpt.checkpoint.convert import ConversionError, reshard
 from megagpt.checkpoint.format import CheckpointError
+from megagpt.model.transformer import is_glu_fc1
 from megagpt.training import config_for_test, setup, train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def _weights(trainer, ps) -> dict:
     out = {}
     for chunk in trainer.chunks:
         for name, p in chunk.named_parameters():
-            full = gather_tp(p.float(), p, ps.tp_group)
+            full = gather_tp(p.float(), p, ps.tp_group, glu=is_glu_fc1(name, chunk.cfg))
             out[name] = full[:300] if name in ("embedding.word_embeddings.weight", TIED_COPY) else full
     return out if ps.dp_rank == 0 else {}
 

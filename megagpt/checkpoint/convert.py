@@ -7,7 +7,11 @@ target pipeline stage at a time: peak memory is about one stage's weights and op
 
 What a converted checkpoint holds (layout `data_parallel_size: null`, see sharded.py):
 - every chunk's weights, bit-exact copies; the vocabulary is trimmed to `vocab_size` and re-padded with zero rows
-  for the target TP (`pad_vocab_size`); the last stage's tied copy `output_layer.weight` exists iff target PP > 1;
+  for the target TP (`pad_vocab_size`); the last stage's tied copy `output_layer.weight` exists iff target PP > 1
+  (an untied output layer, `--untie-embeddings-and-output-weights`, always: it is a weight of its own);
+- model variants: grouped-query QKV rows are grouped per query group, so a contiguous split still gives each rank
+  whole groups (the target TP must divide the groups); SwiGLU's fc1 shards are each `[gate_r | up_r]`, so they are
+  merged to `[gate | up]` and re-split per gate/up half (model.transformer.glu_*_order);
 - the optimizer state per parameter at whole size (fp32 masters, Adam moments, step), split like its parameter.
   ZeRO sources are merged from their `distrib_optim_dp*.pt` shards; the target is unsharded over DP and
   `sharded.load_checkpoint` cuts it to any DP size, ZeRO included, when a run loads it;
@@ -28,9 +32,10 @@ from tqdm import tqdm
 
 from megagpt.checkpoint.format import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, is_converted,
                                        iteration_dir, model_key, read_metadata, shard_dir, zero_shard_file)
-from megagpt.config import ModelConfig, layout_problems
+from megagpt.config import ModelConfig, layout_problems, variant_problems
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING, stage_layer_ids
+from megagpt.model.transformer import glu_canonical_order, glu_tp_order, is_glu_fc1
 from megagpt.parallel.layers import pad_vocab_size
 from megagpt.parallel.state import stage_of
 
@@ -57,15 +62,17 @@ class Source(Protocol):
 # ---- layout arithmetic --------------------------------------------------------------------------------------
 def check_target_layout(model: dict, tp: int, pp: int, chunks: int = 1) -> None:
     """Raise ConversionError naming the numbers when the model cannot be split TP x PP (x virtual chunks)."""
+    cfg = ModelConfig(**model)
     problems = layout_problems(tp, pp, num_attention_heads=model["num_attention_heads"], num_layers=model["num_layers"],
-                               ffn_size=ModelConfig(**model).ffn_size, virtual_chunks=chunks, what="target ")
+                               ffn_size=cfg.ffn_size, virtual_chunks=chunks, what="target ")
+    problems += variant_problems(cfg, tp, what="target ")
     if problems:
         raise ConversionError("cannot convert to this layout:\n  - " + "\n  - ".join(problems))
 
 
 def is_vocab_tensor(name: str, info: dict) -> bool:
-    """The word embedding and its tied copy: rows = padded vocabulary."""
-    return name == WORD_EMBEDDING or info.get("tied_to") == WORD_EMBEDDING
+    """The word embedding, its tied copy and an untied output layer: rows = padded vocabulary."""
+    return name in (WORD_EMBEDDING, OUTPUT_LAYER) or info.get("tied_to") == WORD_EMBEDDING
 
 
 def place(name: str, num_layers: int, pp: int, chunks: int, v_shape: bool = False) -> tuple[int, int]:
@@ -93,14 +100,21 @@ def fit_vocab(t: torch.Tensor, vocab: int, padded: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((padded - vocab, *t.shape[1:]))])
 
 
-def _split(t: torch.Tensor, split_dim: Optional[int], tp: int) -> list[torch.Tensor]:
-    """TP parts as tensors with their own storage (torch.save of a view would write the whole storage)."""
+def _split(t: torch.Tensor, split_dim: Optional[int], tp: int, glu: bool = False) -> list[torch.Tensor]:
+    """TP parts as tensors with their own storage (torch.save of a view would write the whole storage); `glu`:
+    SwiGLU's fc1 rows `[gate | up]`, each part getting its matching gate and up halves."""
+    if glu and split_dim is not None:
+        t = glu_tp_order(t, tp)
     parts = [t] * tp if split_dim is None else list(t.chunk(tp, dim=split_dim))
     return [p.clone(memory_format=torch.contiguous_format) for p in parts]
 
 
-def _merge(parts: list[torch.Tensor], split_dim: Optional[int]) -> torch.Tensor:
-    return parts[0] if split_dim is None else torch.cat(parts, dim=split_dim)
+def _merge(parts: list[torch.Tensor], split_dim: Optional[int], glu: bool = False) -> torch.Tensor:
+    """The whole tensor of TP parts (the inverse of `_split`)."""
+    if split_dim is None:
+        return parts[0]
+    whole = torch.cat(parts, dim=split_dim)
+    return glu_canonical_order(whole, len(parts)) if glu else whole
 
 
 # ---- reading a sharded checkpoint ---------------------------------------------------------------------------
@@ -116,6 +130,7 @@ class ShardedCheckpoint:
         layout = self.meta["layout"]
         self.tp, self.pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
         self.chunks = layout["virtual_pipeline_chunks"]
+        self.model = ModelConfig(**self.meta["config"]["model"])
         # ZeRO shards exist unless the run saved no optimizer state (--no-save-optim)
         self.zero = layout["use_distributed_optimizer"] and not is_converted(layout) and \
             self.meta.get("has_optimizer", True)
@@ -159,14 +174,14 @@ class ShardedCheckpoint:
         info = self.meta["tensors"][name]
         key = model_key(info["chunk"], self.chunks)
         parts = [self._load(self._path(t, info["pp_rank"]))[key][name] for t in range(self.tp)]
-        return _merge(parts, info["split_dim"])
+        return _merge(parts, info["split_dim"], is_glu_fc1(name, self.model))
 
     def optimizer_entry(self, name: str) -> Optional[dict]:
         info = self.meta["tensors"][name]
         parts = [self._local_optimizer_entry(t, info["pp_rank"], name) for t in range(self.tp)]
         if parts[0] is None:
             return None
-        return {k: v if v.dim() == 0 else _merge([p[k] for p in parts], info["split_dim"])
+        return {k: v if v.dim() == 0 else _merge([p[k] for p in parts], info["split_dim"], is_glu_fc1(name, self.model))
                 for k, v in parts[0].items()}
 
     def _local_optimizer_entry(self, tp: int, pp: int, name: str) -> Optional[dict]:
@@ -221,12 +236,13 @@ def target_tensors(meta: dict, tp: int, pp: int, chunks: int) -> dict[str, dict]
     """metadata.json `tensors` of the target layout, each with `source`: the name to read it from."""
     model = meta["config"]["model"]
     padded = pad_vocab_size(model["vocab_size"], tp, model["make_vocab_size_divisible_by"])
-    names = [n for n in meta["tensors"] if n != OUTPUT_LAYER] + ([OUTPUT_LAYER] if pp > 1 else [])
+    untied = ModelConfig(**model).untie_embeddings_and_output_weights
+    names = [n for n in meta["tensors"] if n != OUTPUT_LAYER] + ([OUTPUT_LAYER] if pp > 1 or untied else [])
     out = {}
     for name in names:
         source = name if name in meta["tensors"] else WORD_EMBEDDING    # the tied copy, new under PP > 1
         info = {k: v for k, v in meta["tensors"][source].items() if k not in ("pp_rank", "chunk", "tied_to")}
-        if name == OUTPUT_LAYER:
+        if name == OUTPUT_LAYER and not untied:
             info["tied_to"] = WORD_EMBEDDING
         if is_vocab_tensor(name, info):
             info["shape"] = [padded, *info["shape"][1:]]
@@ -285,19 +301,20 @@ def write_checkpoint(source: Source, dst_dir: str, tp: int, pp: int, chunks: int
 def _build_stage(source: Source, plan: dict, names: Iterable[str], model: dict, tp: int, chunks: int,
                  with_optimizer: bool, bar) -> list[tuple[dict, dict]]:
     """Per target TP rank of one stage: ({chunk key: state dict}, {name: optimizer entry})."""
-    vocab = model["vocab_size"]
+    vocab, cfg = model["vocab_size"], ModelConfig(**model)
     shards = [({model_key(c, chunks): {} for c in range(chunks)}, {}) for _ in range(tp)]
     for name in names:
         info = plan[name]
         fit = (lambda t: fit_vocab(t, vocab, info["shape"][0])) if is_vocab_tensor(name, info) else (lambda t: t)
         key = model_key(info["chunk"], chunks)
-        for t, part in enumerate(_split(fit(source.weight(info["source"])), info["split_dim"], tp)):
+        glu = is_glu_fc1(name, cfg)
+        for t, part in enumerate(_split(fit(source.weight(info["source"])), info["split_dim"], tp, glu)):
             shards[t][0][key][name] = part
         entry = source.optimizer_entry(info["source"]) if with_optimizer else None
         if with_optimizer and entry is None:
             raise ConversionError(f"source has optimizer state but none for {info['source']!r}")
         for k, v in (entry or {}).items():
-            parts = [v.clone()] * tp if v.dim() == 0 else _split(fit(v), info["split_dim"], tp)
+            parts = [v.clone()] * tp if v.dim() == 0 else _split(fit(v), info["split_dim"], tp, glu)
             for t, part in enumerate(parts):
                 shards[t][1].setdefault(name, {})[k] = part
         bar.update(1)

@@ -29,8 +29,12 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model_optim_rng.pt"
 # Model-config fields that change tensor shapes: a mismatch is reported by name, not as a torch size error.
+# The variant fields (#15) are here too: same shapes but another model (RoPE convention, norm, activation) must not
+# load silently.
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                "max_position_embeddings", "make_vocab_size_divisible_by")
+                "max_position_embeddings", "make_vocab_size_divisible_by", "position_embedding_type", "rotary_base",
+                "rotary_percent", "rotary_interleaved", "normalization", "swiglu", "num_query_groups",
+                "untie_embeddings_and_output_weights", "disable_bias_linear", "add_qkv_bias", "qk_layernorm")
 DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint and zero_to_fp32.py
 DS_FORMAT = "deepspeed"
 
@@ -142,6 +146,7 @@ def _resolved_arch(model: dict) -> dict:
     cfg = ModelConfig(**model)
     out = {k: getattr(cfg, k) for k in _ARCH_FIELDS}
     out["ffn_hidden_size"], out["max_position_embeddings"] = cfg.ffn_size, cfg.max_positions
+    out["num_query_groups"] = cfg.query_groups        # key/value heads, whether GQA is on or not
     return out
 
 
