@@ -13,13 +13,21 @@ from typing import Any, Optional, Sequence
 from megagpt.config import SECTIONS, Config
 
 # GPT-2 sizes from the GPT-2 paper / HF configs; 8.3B from the Megatron-LM paper (72 x 3072, 32 heads).
-PRESETS: dict[str, dict[str, int]] = {
+# Llama shapes from Meta's Llama 3.2 1B and Llama 3.1 8B configs (RoPE base 500000, RMSNorm eps 1e-5, SwiGLU,
+# 8 key/value groups, no biases; the 1B ties its head, the 8B does not). Their long-context RoPE scaling is not
+# implemented: the presets train with unscaled RoPE, so use them with --seq-length up to 8192.
+_LLAMA = dict(position_embedding_type="rope", rotary_base=500000, normalization="RMSNorm", layernorm_epsilon=1e-5,
+              swiglu=True, group_query_attention=True, num_query_groups=8, disable_bias_linear=True)
+PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
     "gpt2-355m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
     "gpt2-774m": dict(num_layers=36, hidden_size=1280, num_attention_heads=20),
     "gpt2-1.5b": dict(num_layers=48, hidden_size=1600, num_attention_heads=25),
     "gpt-1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16),   # GPT-3 XL depth/width
     "megatron-8.3b": dict(num_layers=72, hidden_size=3072, num_attention_heads=32),
+    "llama-1b": dict(_LLAMA, num_layers=16, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=8192),
+    "llama-8b": dict(_LLAMA, num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=14336,
+                     untie_embeddings_and_output_weights=True),
 }
 
 

@@ -15,16 +15,31 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megagpt.config import Config
+from megagpt.config import Config, ModelConfig
 from megagpt.optim.clip import get_params_norm
 from megagpt.timers import Timers
 
 
+def layer_forward_flops_per_token(m: ModelConfig) -> tuple[float, float]:
+    """Forward FLOPs of one transformer layer per token (2 per multiply-add): (its GEMMs, the attention core).
+
+    GEMMs: QKV 2 h (n + 2G) d (grouped-query attention computes G key/value heads, not n), output projection
+    2 h^2, MLP 2 h f x 2 (GELU: fc1 and fc2) or x 3 (SwiGLU: gate, up and down). Attention core: QK^T and probs x V,
+    2 x 2 s h over the whole s x s score matrix (the causal half is not discounted, as Megatron's original formula;
+    with G < n the keys and values serve n/G query heads each, so the core still costs n heads). For GPT-2
+    (G = n, f = 4h) this is 24 h^2 + 4 s h: the 72 B s L h^2 (1 + s/6h) of the log line's formula over 3."""
+    h, f = m.hidden_size, m.ffn_size
+    qkv = h * (1.0 + 2.0 * m.query_groups / m.num_attention_heads)     # (n + 2G) d = h (1 + 2G/n)
+    gemms = 2.0 * h * qkv + 2.0 * h * h + 2.0 * h * f * (3 if m.swiglu else 2)
+    return gemms, 4.0 * m.seq_length * h
+
+
 def model_flops_per_iteration(config: Config, padded_vocab: int, global_batch_size: int) -> float:
-    """Model FLOPs of one iteration (forward + backward, no recompute): 72 B s L h^2 (1 + s/6h + V/12Lh)."""
+    """Model FLOPs of one iteration (forward + backward = 3 forwards, no recompute): 3 B s (L (layer GEMMs +
+    attention core) + 2 h V), per `layer_forward_flops_per_token`; for GPT-2 72 B s L h^2 (1 + s/6h + V/12Lh)."""
     m = config.model
-    B, s, L, h = global_batch_size, m.seq_length, m.num_layers, m.hidden_size
-    return 72.0 * B * s * L * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (12.0 * L * h))
+    gemms, core = layer_forward_flops_per_token(m)
+    return 3.0 * global_batch_size * m.seq_length * (m.num_layers * (gemms + core) + 2.0 * m.hidden_size * padded_vocab)
 
 
 @dataclass

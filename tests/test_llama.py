@@ -45,3 +45,23 @@ def test_reference_is_llama_shaped_and_learns():
 def test_llama_layout_matches_single_rank(layout):
     world, parallel = LAYOUTS[layout]
     compare_to_reference(run_distributed(_train, world, _config(**parallel, **LLAMA)), reference())
+
+
+def test_llama_presets_have_the_published_parameter_counts():
+    """Llama 3.2 1B: 1.236B parameters (tied head); Llama 3.1 8B: 8.030B (untied), vocabulary 128256."""
+    from megagpt.cli import parse_args
+    from megagpt.config import num_parameters
+
+    for preset, billions in (("llama-1b", 1.2358), ("llama-8b", 8.0303)):
+        model = parse_args(["--model-size", preset]).model
+        assert abs(num_parameters(model, 128256) / 1e9 - billions) < 1e-4, preset
+
+
+def test_flops_count_swiglu_and_grouped_query_attention():
+    """Per token per layer forward: QKV 2h(n+2G)d, projection 2h^2, SwiGLU 3 x 2hf, core 4sh; LM head 2hV; x3."""
+    from megagpt.train_log import model_flops_per_iteration
+
+    config = _config(**LLAMA)        # h 64, 4 heads of 16, G 2, f 128 (8h/3 rounded to 64), s 16, L 4
+    h, d, n, g, f, s, L, V, B = 64, 16, 4, 2, 128, 16, 4, 512, 8
+    layer = 2 * h * (n + 2 * g) * d + 2 * h * h + 3 * 2 * h * f + 4 * s * h
+    assert model_flops_per_iteration(config, V, B) == 3 * B * s * (L * layer + 2 * h * V)

@@ -11,8 +11,9 @@ from megagpt.plan.memory import chunk_activation_bytes, dims, rank_chunks, state
 from megagpt.training import config_for_test
 
 
-def _config(tp=1, pp=1, vl=None, sp=False, zero=0, precision="fp32", recompute=None, dropout=0.0, backend="fused"):
-    return config_for_test(
+def _config(tp=1, pp=1, vl=None, sp=False, zero=0, precision="fp32", recompute=None, dropout=0.0, backend="fused",
+            **model):
+    return config_for_test(**model,
         num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, max_position_embeddings=32,
         vocab_size=500, hidden_dropout=dropout, attention_dropout=dropout, recompute_granularity=recompute,
         attention_backend=backend,
@@ -30,6 +31,10 @@ STATE_LAYOUTS = {
     "pp2_interleaved_dp2_zero1": dict(pp=2, vl=1, zero=1),
     "tp2_pp2_sp": dict(tp=2, pp=2, sp=True),
     "dp4_zero2_bf16": dict(zero=2, precision="bf16"),
+    # Llama-style (#15): grouped QKV, SwiGLU rows, bias-free RMSNorm, no position table, untied head, q/k norms
+    "tp2_pp2_llama": dict(tp=2, pp=2, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                          group_query_attention=True, num_query_groups=2, untie_embeddings_and_output_weights=True,
+                          disable_bias_linear=True, qk_layernorm=True),
 }
 
 

@@ -12,6 +12,11 @@ megagpt's own differences made explicit: the QKV and fc1 GEMMs save their (all-g
 input, the fp32 softmax keeps both its fp32 output and the cast copy, dropout masks are 1 byte on CUDA
 (native_dropout) but input-sized on CPU, and cross-entropy keeps fp32 exponentials of the logits.
 
+Model variants (#15): parameters and grads follow the built model exactly (grouped QKV rows (n + 2G) d, SwiGLU's
+2f fc1 rows, RMSNorm without bias, no position table under RoPE, an untied head without the embedding all-reduce).
+The activation terms that change size are modelled (QKV output, SwiGLU's gate/up/product); RMSNorm's normalised
+copy and RoPE's rotated q/k are not (the measured-activation tests run GPT-2 configurations).
+
 Notation: s sequence, b micro-batch, h hidden, a heads, f ffn, V padded vocabulary, t TP size, e bytes per
 activation element (2 bf16/fp16, 4 fp32), sp: t under sequence parallel else 1.
 """
@@ -79,22 +84,38 @@ def dims(config: Config, world_size: int, device: str = "cuda") -> Dims:
 def chunk_params(config: Config, d: Dims, layers: int, first: bool, last: bool) -> list[tuple[str, int, str]]:
     """(name, elements on one TP rank, reduction kind) of one model chunk, in the model's registration order
     (model/gpt.py), which fixes the grad-buffer layout and so its padding."""
+    m = config.model
     h, f, t = d.h, d.f, d.t
     sp_kind = KIND_TP_SYNC if (config.parallel.sequence_parallel and t > 1) else KIND_DP
-    emb_kind = KIND_EMBEDDING_SYNC if d.pp > 1 else KIND_DP
+    untied = m.untie_embeddings_and_output_weights
+    emb_kind = KIND_EMBEDDING_SYNC if d.pp > 1 and not untied else KIND_DP
+    fc1 = 2 * f if m.swiglu else f                   # SwiGLU: gate and up rows
+
+    def norm(name: str, size: int, kind: str) -> list[tuple[str, int, str]]:
+        return [(name + ".weight", size, kind)] + ([(name + ".bias", size, kind)] if m.normalization == "LayerNorm"
+                                                   else [])
+
+    def linear(name: str, weight: int, bias: int, kind: str, has_bias: bool) -> list[tuple[str, int, str]]:
+        return [(name + ".weight", weight, KIND_DP)] + ([(name + ".bias", bias, kind)] if has_bias else [])
+
     out = []
     if first:
-        out += [("word_embeddings", d.V // t * h, emb_kind), ("position_embeddings", d.P * h, sp_kind)]
-    per_layer = [("input_layernorm.weight", h, sp_kind), ("input_layernorm.bias", h, sp_kind),
-                 ("linear_qkv.weight", 3 * h // t * h, KIND_DP), ("linear_qkv.bias", 3 * h // t, KIND_DP),
-                 ("linear_proj.weight", h * (h // t), KIND_DP), ("linear_proj.bias", h, sp_kind),
-                 ("pre_mlp_layernorm.weight", h, sp_kind), ("pre_mlp_layernorm.bias", h, sp_kind),
-                 ("linear_fc1.weight", f // t * h, KIND_DP), ("linear_fc1.bias", f // t, KIND_DP),
-                 ("linear_fc2.weight", h * (f // t), KIND_DP), ("linear_fc2.bias", h, sp_kind)]
+        out.append(("word_embeddings", d.V // t * h, emb_kind))
+        if m.position_embedding_type == "learned_absolute":
+            out.append(("position_embeddings", d.P * h, sp_kind))
+    qk_kind = KIND_TP_SYNC if t > 1 else KIND_DP     # q/k norms see this rank's heads only (model/norms.py)
+    per_layer = (norm("input_layernorm", h, sp_kind)
+                 + linear("linear_qkv", m.qkv_size // t * h, m.qkv_size // t, KIND_DP, m.qkv_bias)
+                 + linear("linear_proj", h * (h // t), h, sp_kind, m.add_bias_linear)
+                 + (norm("q_layernorm", m.head_dim, qk_kind) + norm("k_layernorm", m.head_dim, qk_kind)
+                    if m.qk_layernorm else [])
+                 + norm("pre_mlp_layernorm", h, sp_kind)
+                 + linear("linear_fc1", fc1 // t * h, fc1 // t, KIND_DP, m.add_bias_linear)
+                 + linear("linear_fc2", h * (f // t), h, sp_kind, m.add_bias_linear))
     out += per_layer * layers
     if last:
-        out += [("final_layernorm.weight", h, sp_kind), ("final_layernorm.bias", h, sp_kind)]
-        if not first:
+        out += norm("final_layernorm", h, sp_kind)
+        if untied or not first:                      # an untied head, or the last stage's copy of the tied one
             out.append(("output_layer", d.V // t * h, emb_kind))
     return out
 
@@ -167,12 +188,13 @@ def layer_activation_terms(config: Config, d: Dims) -> dict[str, int]:
         "LayerNorm statistics": 2 * 2 * d.stats * s * b // sp,
         # QKV and fc1 GEMMs keep their input: the full sequence (all-gathered under SP; Megatron keeps the shard).
         "QKV and fc1 GEMM inputs": 2 * e * d.sbh,
-        # The QKV output, of which q, k and v are views (attention or its checkpoint keeps it).
-        "QKV output": 3 * e * d.sbh // t,
+        # The QKV output, of which q, k and v are views (attention or its checkpoint keeps it): (n + 2G) d rows.
+        "QKV output": e * s * b * m.qkv_size // t,
         # Attention output, kept by the output projection.
         "attention context": e * d.sbh // t,
-        # fc1 output (GELU input) and GELU output (fc2 input).
-        "MLP activations": 2 * e * s * b * f // t,
+        # fc1 output (GELU input) and GELU output (fc2 input); SwiGLU: fc1's [gate | up] (2f), silu(gate) and the
+        # product (fc2 input).
+        "MLP activations": (4 if m.swiglu else 2) * e * s * b * f // t,
     }
     if m.hidden_dropout > 0:
         # Two residual-branch dropouts, one mask element per hidden value.
@@ -281,6 +303,7 @@ def stage_memory(config: Config, world_size: int, pp_rank: int, cluster: Optiona
         for k, v in a.items():
             mem.activation_terms[k] = mem.activation_terms.get(k, 0) + v
     t = mem.terms
+    untied = config.model.untie_embeddings_and_output_weights   # no embedding grad all-reduce
     t["weights"] = state["params"]
     t["fp32 grads (bucketed, padded)"] = grads_peak_bytes(config, d, pp_rank)
     t["optimizer state"] = state["optimizer"]
@@ -292,9 +315,9 @@ def stage_memory(config: Config, world_size: int, pp_rank: int, cluster: Optiona
     if any(last for _, _, last in chunks):
         # The last micro-batch's logits in the model dtype and, under bf16/fp16, their fp32 copy in cross-entropy.
         t["logits and loss temporaries"] = d.s * d.b * (d.V // d.t) * (d.e + (4 if d.e < 4 else 0))
-        if d.pp > 1:
+        if d.pp > 1 and not untied:
             t["tied-embedding grad all-reduce copy"] = 4 * d.V // d.t * d.h
-    elif any(first for _, first, _ in chunks) and d.pp > 1:
+    elif any(first for _, first, _ in chunks) and d.pp > 1 and not untied:
         t["tied-embedding grad all-reduce copy"] = 4 * d.V // d.t * d.h
     if cluster is not None:
         t["fragmentation allowance"] = int(cluster.fragmentation * mem.total)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from megagpt.config import Config, final_global_batch_size, num_microbatches, num_model_chunks
 from megagpt.plan.cluster import Cluster
 from megagpt.plan.memory import Dims, chunk_activation_bytes, dims, grad_layout, rank_chunks
-from megagpt.train_log import model_flops_per_iteration
+from megagpt.train_log import layer_forward_flops_per_token, model_flops_per_iteration
 
 OPTIMIZER_BYTES_PER_ELEMENT = 44   # AdamW reads p, g, m, v and writes p, m, v (28); copy to model; norm + clip
 ELEMENTWISE_PASSES = 4
@@ -59,10 +59,12 @@ def ring_time(nbytes: float, n: int, bandwidth: float, cluster: Cluster, all_red
 
 
 def chunk_forward_flops(config: Config, d: Dims, layers: int, last: bool) -> tuple[float, float]:
-    """(GEMM FLOPs of one micro-batch's forward through a chunk on all TP ranks, recompute's extra forward)."""
-    s, b, h, f = d.s, d.b, d.h, d.f
-    attention_core = 4.0 * b * s * s * h
-    layer = 8.0 * s * b * h * h + 4.0 * s * b * h * f + attention_core
+    """(GEMM FLOPs of one micro-batch's forward through a chunk on all TP ranks, recompute's extra forward): the
+    log line's per-token formula (SwiGLU and grouped-query attention included) times s b tokens."""
+    s, b, h = d.s, d.b, d.h
+    gemms, core = layer_forward_flops_per_token(config.model)
+    attention_core = s * b * core
+    layer = s * b * gemms + attention_core
     extra = {"full": layer, "selective": attention_core}.get(config.model.recompute_granularity, 0.0)
     return layers * layer + (2.0 * s * b * h * d.V if last else 0.0), layers * extra
 
