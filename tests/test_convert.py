@@ -179,7 +179,7 @@ def test_resharded_optimizer_state_loads_under_zero_and_zero_shards_merge(source
 
 def _optimizer_states(iteration_dir: str) -> dict:
     state = torch.load(os.path.join(iteration_dir, "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
-    assert state["optimizer"]["scheduler"]["num_steps"] == ITERS
+    assert state["optimizer"]["scheduler"]["num_steps"] == ITERS * 8   # the schedule counts samples (global batch 8)
     return state["optimizer"]["optimizer"]["param_state"]
 
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from megagpt.config import Config, schedule_steps
-from megagpt.optim.clip import param_grad
 from megagpt.optim.grad_buffer import DataParallelGradReducer, finalize_model_grads
 from megagpt.optim.lr_schedule import build_scheduler
 from megagpt.optim.mixed_precision import MixedPrecisionOptimizer
@@ -31,7 +30,6 @@ class TrainingOptimizer:
         self.timers = timers or Timers()
         named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
         self.params = [param for _, param in named]
-        self.named_params = named
         self.reducer = DataParallelGradReducer(
             self.params, ps, bucket_size=p.ddp_bucket_size, use_distributed_optimizer=p.use_distributed_optimizer,
             overlap_grad_reduce=p.overlap_grad_reduce, zero_stage=p.zero_stage)
@@ -62,7 +60,7 @@ class TrainingOptimizer:
         self.num_zeros_in_grad = None
         with self.timers("all-grads-sync", 1):
             finalize_model_grads(self.params, self.ps, self.reducer, self.timers)
-        if accept is not None and not accept([(name, param_grad(p)) for name, p in self.named_params]):
+        if accept is not None and not accept(self.optimizer.named_grads()):
             return False, None
         with self.timers("optimizer", 1):
             ok, grad_norm, self.num_zeros_in_grad = self.optimizer.step()

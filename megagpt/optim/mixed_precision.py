@@ -177,6 +177,11 @@ class MixedPrecisionOptimizer:
         g = param_grad(slot.param)
         return None if g is None else g.float()   # main_grad is fp32 already: no copy
 
+    def named_grads(self) -> list[tuple[str, Optional[torch.Tensor]]]:
+        """The reduced gradients this rank steps, by parameter name (under ZeRO only its owned shards: the rest of
+        the buffer may already be released)."""
+        return [(s.name, self._slot_grad(s)) for s in self.slots]
+
     def _copy_masters_to_model(self) -> None:
         for s in self.slots:
             if s.separate_master:
