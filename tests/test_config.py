@@ -5,7 +5,7 @@ from megagpt.cli import PRESETS, parse_args
 from megagpt.config import (Config, ConfigError, ModelConfig, final_global_batch_size, global_batch_size_at,
                             num_microbatches, num_parameters, raise_if, train_iters, validate)
 from megagpt.training import environment_problems
-from megagpt.parallel.layers import pad_vocab_size
+from megagpt.config import pad_vocab_size
 
 
 def _valid(**model) -> Config:

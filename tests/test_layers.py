@@ -17,7 +17,8 @@ from torch.testing import assert_close
 
 from distributed import assert_check_passed, run_checks, run_distributed
 from megagpt.parallel import comm
-from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megagpt.config import pad_vocab_size
+from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megagpt.parallel.param_tags import ParamTag, tags_of
 from megagpt.parallel.state import ParallelState
 

@@ -79,7 +79,7 @@ def _count_params(configs):
 def test_variant_parameter_counts_match_the_model():
     """config.num_parameters (the planner's and the presets' count) equals the built model's, for every variant."""
     from megagpt.config import num_parameters
-    from megagpt.parallel.layers import pad_vocab_size
+    from megagpt.config import pad_vocab_size
 
     configs = [tiny_model_config(**variant) for variant in [{}, *VARIANTS.values()]]
     counts = run_distributed(_count_params, 1, configs)[0]

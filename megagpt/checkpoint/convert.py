@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 from megagpt.checkpoint.format import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, is_converted,
                                        iteration_dir, model_key, read_metadata, shard_dir, zero_shard_file)
-from megagpt.config import ModelConfig, layout_problems, variant_problems
+from megagpt.config import ModelConfig, layout_problems, pad_vocab_size, variant_problems
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING, stage_layer_ids
 from megagpt.model.transformer import glu_canonical_order, glu_tp_order, is_glu_fc1
-from megagpt.parallel.layers import pad_vocab_size
 from megagpt.parallel.state import stage_of
 
 

@@ -20,7 +20,8 @@ from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.param_tags import tag
-from megagpt.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megagpt.config import pad_vocab_size
+from megagpt.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megagpt.parallel.state import ParallelState, virtual_stage
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"

@@ -115,15 +115,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _LinearWithDeferrableWgrad.apply(x, weight, bias)
 
 
-def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """Smallest multiple of `divisible_by * tp_size` >= vocab_size, so every TP rank gets equal, aligned rows."""
-    if vocab_size < 1 or tp_size < 1 or divisible_by < 1:
-        raise ValueError(f"pad_vocab_size needs positive numbers, got vocab_size={vocab_size}, "
-                         f"tp_size={tp_size}, divisible_by={divisible_by}")
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def _sharded_param(full_shape: tuple[int, ...], partition_dim: Optional[int], group, init_method: InitMethod,
                    params_dtype: torch.dtype, device) -> nn.Parameter:
     """Build the full fp32 master on CPU, fill it with `init_method`, keep this rank's slice along `partition_dim`.

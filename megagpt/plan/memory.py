@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megagpt.config import Config, num_microbatches, num_model_chunks
+from megagpt.config import Config, num_microbatches, num_model_chunks, pad_vocab_size
 from megagpt.optim.bucket_layout import KIND_DP, KIND_EMBEDDING_SYNC, KIND_TP_SYNC, BucketLayout, bucket_layout
 from megagpt.pipeline.schedules import build_schedule
 from megagpt.plan.cluster import GIB, Cluster
@@ -34,12 +34,11 @@ TOKENIZER_VOCAB = {"GPT2BPETokenizer": 50257, "ByteTokenizer": 257}
 
 
 def padded_vocab_size(config: Config) -> int:
-    """The vocabulary rounded up to a multiple of make_vocab_size_divisible_by x TP (parallel.layers.pad_vocab_size;
-    restated here because plan/ may not import parallel/). Without a vocab size, the tokenizer's is used."""
+    """The vocabulary rounded up to a multiple of make_vocab_size_divisible_by x TP (config.pad_vocab_size, as the
+    model pads it). Without a vocab size, the tokenizer's is used."""
     m, tp = config.model, config.parallel.tensor_model_parallel_size
     vocab = m.vocab_size or TOKENIZER_VOCAB.get(config.data.tokenizer_type, 50257)
-    multiple = m.make_vocab_size_divisible_by * tp
-    return -(-vocab // multiple) * multiple
+    return pad_vocab_size(vocab, tp, m.make_vocab_size_divisible_by)
 
 
 @dataclass(frozen=True)
