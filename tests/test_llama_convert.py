@@ -21,13 +21,19 @@ LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=Tru
              num_query_groups=2, untie_embeddings_and_output_weights=True, disable_bias_linear=True)
 
 
-def _hf_llama(seed: int = 0, tie: bool = False, **overrides):
+DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+ROPES = {"default": DEFAULT_ROPE, "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+         "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192, "rope_theta": 10000.0}}
+
+
+def _hf_llama(seed: int = 0, tie: bool = False, rope: dict = DEFAULT_ROPE, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                          tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
+                         rope_parameters=dict(rope), **overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():   # non-trivial norm weights (and biases), so a mis-mapped one shows
@@ -50,11 +56,13 @@ def _logits_and_greedy(ckpt: str, tokens: torch.Tensor, prompt: list, new: int):
     return logits, generate(model, prompt, new, temperature=0)
 
 
-@pytest.mark.parametrize("tie,interleaved", [(False, False), (True, False), (False, True)])
-def test_imported_llama_gives_transformers_logits_and_greedy_generation(tmp_path, tie, interleaved):
-    from megagpt.checkpoint.hf_llama import import_hf
+@pytest.mark.parametrize("tie,interleaved,rope", [(False, False, "default"), (True, False, "default"),
+                                                  (False, True, "default"), (False, False, "linear"),
+                                                  (False, False, "llama3")])
+def test_imported_llama_gives_transformers_logits_and_greedy_generation(tmp_path, tie, interleaved, rope):
+    from megagpt.checkpoint.hf_llama import export_hf, import_hf
 
-    hf = _hf_llama(tie=tie)
+    hf = _hf_llama(tie=tie, rope=ROPES[rope])
     ckpt = str(tmp_path / "ckpt")
     import_hf(_hf_state(hf), ckpt, 1, 1, config=hf.config, rotary_interleaved=interleaved)
     tokens = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -64,9 +72,11 @@ def test_imported_llama_gives_transformers_logits_and_greedy_generation(tmp_path
         expected = hf(tokens).logits
         hf_greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)[0, len(prompt):].tolist()
     diff = float((logits - expected).abs().max())
-    print(f"tie={tie} interleaved={interleaved}: max |logit diff| vs transformers = {diff:.2e}")
+    print(f"tie={tie} interleaved={interleaved} rope={rope}: max |logit diff| vs transformers = {diff:.2e}")
     assert diff < 1e-5
     assert greedy == hf_greedy
+    _, exported = export_hf(ckpt)                        # the scaling survives the way back
+    assert {k: v for k, v in exported.rope_parameters.items()} == ROPES[rope]
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -113,9 +123,10 @@ def test_unsupported_llama_configs_are_refused_with_the_reason(tmp_path):
 
     from megagpt.checkpoint.hf_llama import check_hf_config, hf_config
 
-    scaled = LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(ConversionError, match="rope_type 'linear'"):
-        check_hf_config(scaled)
+    with pytest.raises(ConversionError, match="rope_type 'yarn'"):
+        check_hf_config(LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}))
+    with pytest.raises(ConversionError, match="llama3 RoPE low_freq_factor=2.0: megagpt uses Llama 3.1's 1.0"):
+        check_hf_config(LlamaConfig(rope_parameters={**ROPES["llama3"], "low_freq_factor": 2.0}))
     with pytest.raises(ConversionError, match="model_type 'mistral'"):
         check_hf_config(MistralConfig())
     with pytest.raises(ConversionError, match="attention_bias=True with mlp_bias=False"):

@@ -33,7 +33,8 @@ MODEL_FILE = "model_optim_rng.pt"
 # load silently.
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                 "max_position_embeddings", "make_vocab_size_divisible_by", "position_embedding_type", "rotary_base",
-                "rotary_percent", "rotary_interleaved", "normalization", "swiglu", "num_query_groups",
+                "rotary_percent", "rotary_interleaved", "rotary_seq_len_interpolation_factor",
+                "use_rope_scaling", "rope_scaling_factor", "normalization", "swiglu", "num_query_groups",
                 "untie_embeddings_and_output_weights", "disable_bias_linear", "add_qkv_bias", "qk_layernorm")
 DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint and zero_to_fp32.py
 DS_FORMAT = "deepspeed"

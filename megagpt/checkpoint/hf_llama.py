@@ -14,8 +14,9 @@ The differences are storage only:
   Hugging Face's convert_llama_weights_to_hf.py applies to Meta's (interleaved) checkpoints. Any permutation
   applied to both q and k within a head leaves every q.k product, so the model, unchanged;
 - megagpt pads the vocabulary and masks the padding out of the logits.
-Export then import is bit-exact; logits match transformers' within fp32 rounding. Refused (with the reason): RoPE
-scaling (rope_type other than "default"), partial rotary, q/k norms, biases on only some linears, head_dim other
+Export then import is bit-exact; logits match transformers' within fp32 rounding. RoPE scaling: linear (Megatron's
+--rotary-seq-len-interpolation-factor) and llama3 (--use-rope-scaling) convert both ways. Refused (with the reason):
+other rope types (yarn, dynamic, ...), partial rotary, q/k norms, biases on only some linears, head_dim other
 than hidden/heads, and any non-Llama model_type (sliding windows, MoE: Mistral, Mixtral, Qwen ...).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from megagpt.checkpoint.hf_common import (Pair, export_weights, import_model, re
                                           shape_problems)
 from megagpt.config import Config, ModelConfig
 from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING
+from megagpt.model.rotary import LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT
 
 
 def _pairs(m: dict) -> list[Pair]:
@@ -134,10 +136,38 @@ def hf_config(model: dict) -> Any:
                        num_key_value_heads=cfg.query_groups, head_dim=cfg.head_dim, hidden_act="silu",
                        max_position_embeddings=cfg.max_positions, initializer_range=cfg.init_method_std,
                        rms_norm_eps=cfg.layernorm_epsilon, tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
-                       rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
+                       rope_parameters=_rope_parameters(cfg),
                        attention_bias=cfg.add_bias_linear, mlp_bias=cfg.add_bias_linear,
                        attention_dropout=cfg.attention_dropout, bos_token_id=None, eos_token_id=None,
                        architectures=["LlamaForCausalLM"])
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """Hugging Face's rope_parameters of a megagpt RoPE configuration (scaling included)."""
+    theta = float(cfg.rotary_base)
+    if cfg.rotary_seq_len_interpolation_factor:
+        return {"rope_type": "linear", "factor": float(cfg.rotary_seq_len_interpolation_factor), "rope_theta": theta}
+    if cfg.use_rope_scaling:
+        return {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor), "rope_theta": theta,
+                "low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT}
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _rope_problems(rope: dict) -> list[str]:
+    """RoPE scalings megagpt cannot represent: rope types other than default/linear/llama3, a fractional linear
+    factor (Megatron's interpolation factor is an integer), llama3 constants other than Llama 3.1's."""
+    kind = rope.get("rope_type", "default")
+    if kind == "linear" and float(rope.get("factor", 1.0)) != int(rope.get("factor", 1.0)):
+        return [f"linear RoPE factor {rope['factor']}: megagpt's --rotary-seq-len-interpolation-factor is an integer"]
+    if kind == "llama3":
+        want = {"low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT}
+        return [f"llama3 RoPE {k}={rope.get(k)}: megagpt uses Llama 3.1's {v}" for k, v in want.items()
+                if float(rope.get(k, v)) != float(v)]
+    if kind not in ("default", "linear"):
+        return [f"rope_type {kind!r}: megagpt implements unscaled, linear and llama3 RoPE only"]
+    return []
 
 
 def check_hf_config(config: Any) -> None:
@@ -150,9 +180,7 @@ def check_hf_config(config: Any) -> None:
     if get("hidden_act") != "silu":
         problems.append(f"hidden_act {get('hidden_act')!r}: megagpt's --swiglu gates with silu")
     rope = get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_type {rope.get('rope_type')!r}: megagpt implements unscaled RoPE only (linear and "
-                        f"llama3 scaling are not implemented)")
+    problems += _rope_problems(rope)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor {rope['partial_rotary_factor']}: not converted")
     heads, kv = get("num_attention_heads"), get("num_key_value_heads") or get("num_attention_heads")
@@ -172,13 +200,18 @@ def check_hf_config(config: Any) -> None:
 def model_config_from_hf(config: Any, make_vocab_size_divisible_by: int = 128,
                          rotary_interleaved: bool = False) -> ModelConfig:
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    rope = config.rope_parameters or {}
+    kind = rope.get("rope_type", "default")
     return ModelConfig(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_attention_heads=heads,
                        ffn_hidden_size=config.intermediate_size, seq_length=config.max_position_embeddings,
                        max_position_embeddings=config.max_position_embeddings, vocab_size=config.vocab_size,
                        make_vocab_size_divisible_by=make_vocab_size_divisible_by, hidden_dropout=0.0,
                        attention_dropout=float(config.attention_dropout or 0.0),
                        init_method_std=config.initializer_range, layernorm_epsilon=config.rms_norm_eps,
-                       position_embedding_type="rope", rotary_base=int((config.rope_parameters or {}).get("rope_theta", 10000)),
+                       position_embedding_type="rope", rotary_base=int(rope.get("rope_theta", 10000)),
+                       rotary_seq_len_interpolation_factor=int(rope["factor"]) if kind == "linear" else None,
+                       use_rope_scaling=kind == "llama3",
+                       rope_scaling_factor=float(rope.get("factor", 8.0)) if kind == "llama3" else 8.0,
                        rotary_interleaved=rotary_interleaved, normalization="RMSNorm", swiglu=True,
                        group_query_attention=kv != heads, num_query_groups=kv if kv != heads else 1,
                        untie_embeddings_and_output_weights=not config.tie_word_embeddings,

@@ -45,6 +45,11 @@ class ModelConfig:
                                        choices=["learned_absolute", "rope", "none"])
     rotary_base: int = arg(10000, "RoPE base theta: frequencies base^(-2i/d)")
     rotary_percent: float = arg(1.0, "fraction of each head's dims that RoPE rotates (the rest pass through)")
+    rotary_seq_len_interpolation_factor: Optional[int] = arg(None, "linear RoPE scaling: positions divided by this "
+                                                             "factor (Hugging Face rope_type linear)")
+    use_rope_scaling: bool = arg(False, "Llama 3.1 RoPE scaling: low frequencies divided by --rope-scaling-factor, "
+                                 "high ones kept, smooth in between (original context 8192, low/high factors 1/4)")
+    rope_scaling_factor: float = arg(8.0, "the factor of --use-rope-scaling")
     rotary_interleaved: bool = arg(False, "RoPE rotates pairs (2i, 2i+1) (RoFormer/Meta) instead of (i, i+d/2) "
                                    "(rotate-half: Megatron's and Hugging Face Llama's default)")
     normalization: str = arg("LayerNorm", "norm of every block: LayerNorm (weight and bias) or RMSNorm (weight only)",

@@ -167,6 +167,11 @@ def variant_problems(m: ModelConfig, tp: int, what: str = "") -> list[str]:
                             f"{m.rotary_dim} dims: need an even number >= 2")
         if m.rotary_base <= 0:
             problems.append(f"--rotary-base must be positive, got {m.rotary_base}")
+        if m.use_rope_scaling and m.rotary_seq_len_interpolation_factor:
+            problems.append("--use-rope-scaling and --rotary-seq-len-interpolation-factor are two RoPE scalings: "
+                            "give one")
+        if (m.rotary_seq_len_interpolation_factor or 1) < 1 or (m.use_rope_scaling and m.rope_scaling_factor < 1):
+            problems.append("RoPE scaling factors must be >= 1")
     if m.layernorm_epsilon <= 0:
         problems.append(f"--norm-epsilon must be positive, got {m.layernorm_epsilon}")
     return problems

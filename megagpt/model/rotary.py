@@ -13,15 +13,42 @@ rot = int(head_dim x percent) dims of each head rotate; the rest pass through (M
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from megagpt.config import ModelConfig
 
 
+# Llama 3.1's RoPE scaling constants (Megatron's apply_rope_scaling defaults; the Hugging Face llama3 rope_type).
+LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT = 1.0, 4.0, 8192
+
+
 def inverse_frequencies(base: float, rot: int) -> torch.Tensor:
     """base^(-2k/rot) for k < rot/2, in fp32, computed as Hugging Face does (so imported Llamas match bit for bit)."""
     return 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))   # [rot/2]
+
+
+def scaled_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The frequencies after the config's RoPE scaling, in Hugging Face's arithmetic: linear divides every frequency
+    by the factor (positions / factor); Llama 3.1's divides the low ones (wavelength above original context / low
+    factor), keeps the high ones (below original context / high factor) and blends linearly in between."""
+    inv = inverse_frequencies(cfg.rotary_base, cfg.rotary_dim)
+    if cfg.rotary_seq_len_interpolation_factor:
+        return inv / cfg.rotary_seq_len_interpolation_factor
+    if not cfg.use_rope_scaling:
+        return inv
+    factor = cfg.rope_scaling_factor
+    wavelen = 2 * math.pi / inv
+    low_wavelen = LLAMA3_ORIGINAL_CONTEXT / LLAMA3_LOW_FREQ_FACTOR
+    high_wavelen = LLAMA3_ORIGINAL_CONTEXT / LLAMA3_HIGH_FREQ_FACTOR
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (LLAMA3_ORIGINAL_CONTEXT / wavelen - LLAMA3_LOW_FREQ_FACTOR) / (LLAMA3_HIGH_FREQ_FACTOR -
+                                                                            LLAMA3_LOW_FREQ_FACTOR)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 class RotaryEmbedding(nn.Module):
@@ -30,7 +57,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.rot, self.interleaved = cfg.rotary_dim, cfg.rotary_interleaved
-        self.inv_freq = inverse_frequencies(cfg.rotary_base, self.rot)        # plain attribute: not in state_dict
+        self.inv_freq = scaled_inverse_frequencies(cfg)                       # plain attribute: not in state_dict
         self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
