@@ -114,21 +114,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
 
 def flag_table() -> str:
     """The README's "Megatron-LM flag -> megagpt" table, built from the parser so it cannot drift (a test compares)."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    rows, defaults = ["| flag | default | meaning |", "|---|---|---|"], Config()
     for group in build_parser()._action_groups:
         for action in group._group_actions:
             if not action.option_strings or action.dest == "help":
                 continue
             names = " ".join(f"`{o}`" for o in action.option_strings)
-            default = _default_of(action.dest)
+            default = _default_of(defaults, action.dest)
             text = (action.help or "").replace("|", "\\|")
             rows.append(f"| {names} | {default} | {group.title}: {text} |")
     return "\n".join(rows)
 
 
-def _default_of(dest: str) -> str:
+def _default_of(defaults: Config, dest: str) -> str:
     if "." not in dest:
         return ""
     section, name = dest.split(".", 1)
-    value = getattr(getattr(Config(), section), name)
+    value = getattr(getattr(defaults, section), name)
     return "" if value is None or value == [] else f"`{value}`"

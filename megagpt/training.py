@@ -87,10 +87,10 @@ def resume_directory(config: Config, verbose: bool) -> Optional[str]:
     return newest
 
 
-def eod_token(config: Config) -> int:
-    """The tokenizer's end-of-document id."""
+def config_tokenizer(config: Config):
+    """The tokenizer the data flags name."""
     d = config.data
-    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model).eod
+    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
 
 
 def resolve_vocab(config: Config) -> None:
@@ -98,7 +98,7 @@ def resolve_vocab(config: Config) -> None:
     d = config.data
     if config.model.vocab_size is None or not d.mock_data:
         try:
-            tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+            tokenizer = config_tokenizer(config)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"tokenizer: {exc}") from exc
         if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
@@ -211,7 +211,7 @@ class Trainer:
             return
         t, d = self.config.train, self.config.data
         train, valid, _ = self.datasets
-        masked = eod_token(self.config) if d.eod_mask_loss else None
+        masked = config_tokenizer(self.config).eod if d.eod_mask_loss else None
         make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
             ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, d.num_workers,
             cyclic=d.dataloader_type == "cyclic"), self.device, masked)
