@@ -73,8 +73,13 @@ def environment_problems(config: Config) -> list[str]:
 
 def resume_directory(config: Config, verbose: bool) -> Optional[str]:
     """The checkpoint directory to resume from: --load, or the non-persistent directory when it holds a newer
-    checkpoint; None (start from scratch, with a notice) when neither holds one."""
+    checkpoint (unless --ckpt-step names an iteration of --load); None (start from scratch, with a notice) when
+    neither holds one."""
     t, deepspeed = config.train, config.parallel.deepspeed
+    if t.ckpt_step is not None:      # a chosen iteration of --load: nothing else is considered
+        if not has_checkpoint(t.load, deepspeed):
+            raise ConfigError(f"--ckpt-step {t.ckpt_step}: --load {t.load} holds no complete checkpoint")
+        return t.load
     candidates = [d for d in (t.load, non_persistent_dir(t) if t.non_persistent_save_interval else None)
                   if d and has_checkpoint(d, deepspeed)]
     if not candidates:
@@ -199,7 +204,7 @@ class Trainer:
     def load(self, directory: str) -> dict:
         """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
         to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
-        loaded = self.engine.load(directory)
+        loaded = self.engine.load(directory, self.config.train.ckpt_step)
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
         self.consumed_valid_samples = loaded.consumed_valid_samples
         self.last_saved = loaded.iteration

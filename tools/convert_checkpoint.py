@@ -8,6 +8,7 @@
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1
     python tools/convert_checkpoint.py from-hf --load Llama-3.2-1B --save ckpt_llama_tp2 \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1
+    python tools/convert_checkpoint.py verify --load ckpt [--ckpt-step N | --all]
 
 The Hugging Face architecture is read from config.json (`model_type` gpt2 or llama) on import, and from the
 checkpoint's model flags on export (RoPE + RMSNorm + SwiGLU: a LlamaForCausalLM; else GPT2LMHeadModel), or given
@@ -28,7 +29,8 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megagpt.checkpoint.convert import ConversionError, reshard  # noqa: E402
-from megagpt.checkpoint.format import CheckpointError, read_metadata  # noqa: E402
+from megagpt.checkpoint.format import CheckpointError, complete_iterations, read_metadata  # noqa: E402
+from megagpt.checkpoint.integrity import verify_checkpoint  # noqa: E402
 
 
 def _layout_flags(p: argparse.ArgumentParser) -> None:
@@ -82,7 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding unit (x TP)")
     _layout_flags(p)
+    p = sub.add_parser("verify", help="check every file of a native checkpoint against the sizes and CRC-32 "
+                                      "recorded in its metadata.json (exit 1 when any is damaged)")
+    p.add_argument("--load", required=True, help="megagpt checkpoint directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ckpt-step", type=int, default=None, help="iteration to check (default: the latest)")
+    which.add_argument("--all", action="store_true", help="check every complete iteration in the directory")
     return parser
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Print one line per iteration checked (and each damaged file); 1 when any file is damaged, else 0."""
+    iterations = complete_iterations(args.load) if args.all else [args.ckpt_step]
+    if not iterations:
+        raise CheckpointError(f"{args.load}: no complete checkpoint to verify")
+    damaged = False
+    for iteration in iterations:
+        meta, problems = verify_checkpoint(args.load, iteration)
+        files = meta.get("files")
+        if files is None:
+            print(f"iteration {meta['iteration']}: NOT VERIFIED, its metadata.json records no checksums (saved "
+                  f"before megagpt recorded them)")
+        elif problems:
+            damaged = True
+            print(f"iteration {meta['iteration']}: DAMAGED, {len(problems)} of {len(files)} files")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            size = sum(d["bytes"] for d in files.values())
+            print(f"iteration {meta['iteration']}: intact, {len(files)} files, {size / 2**20:.1f} MiB")
+    return 1 if damaged else 0
 
 
 def _num_chunks(args: argparse.Namespace, num_layers: int) -> int:
@@ -119,6 +150,8 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "verify":
+            return verify(args)
         out = run(args)
     except CheckpointError as exc:   # ConversionError included: bad input, reported before any heavy work
         print(f"error: {exc}", file=sys.stderr)

@@ -30,8 +30,10 @@ from typing import Any, Iterable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
-from megagpt.checkpoint.format import (FORMAT_VERSION, MODEL_FILE, TRACKER_FILE, CheckpointError, is_converted,
-                                       iteration_dir, model_key, read_metadata, shard_dir, zero_shard_file)
+from megagpt.checkpoint.format import (FORMAT_VERSION, METADATA_FILE, MODEL_FILE, TRACKER_FILE, CheckpointError,
+                                       is_converted, iteration_dir, model_key, read_metadata, shard_dir,
+                                       zero_shard_file)
+from megagpt.checkpoint.integrity import digests_under
 from megagpt.config import ModelConfig, layout_problems, pad_vocab_size, variant_problems
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING, stage_layer_ids
@@ -352,8 +354,9 @@ def _save_metadata(tmp: str, meta: dict, plan: dict, tp: int, pp: int, chunks: i
            "config": target_config(meta["config"], tp, pp, chunks),
            "tensors": {n: {k: v for k, v in info.items() if k != "source"} for n, info in plan.items()},
            "converted_from": meta.get("converted_from") or {"layout": meta.get("layout")}}
-    atomic_write_text(json.dumps(out, indent=1, sort_keys=True),
-                      os.path.join(iteration_dir(tmp, meta["iteration"]), "metadata.json"))
+    folder = iteration_dir(tmp, meta["iteration"])
+    out["files"] = digests_under(folder)     # every shard is written by now
+    atomic_write_text(json.dumps(out, indent=1, sort_keys=True), os.path.join(folder, METADATA_FILE))
 
 
 def reshard(src_dir: str, dst_dir: str, tp: int, pp: int, iteration: Optional[int] = None,

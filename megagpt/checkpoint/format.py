@@ -111,12 +111,25 @@ def read_tracker(directory: str) -> int:
         raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
 
 
+def complete_iterations(directory: str) -> list[int]:
+    """Iterations in `directory` marked complete: at or below the tracker's, with a metadata.json."""
+    try:
+        latest = read_tracker(directory)
+    except CheckpointError:
+        return []
+    found = [int(n[5:]) for n in os.listdir(directory) if n.startswith("iter_") and n[5:].isdigit()]
+    return sorted(i for i in found if i <= latest and
+                  os.path.isfile(os.path.join(iteration_dir(directory, i), METADATA_FILE)))
+
+
 def read_metadata(directory: str, iteration: Optional[int] = None) -> dict:
     """metadata.json of `iteration` (default: the tracker's)."""
     iteration = read_tracker(directory) if iteration is None else iteration
     path = os.path.join(iteration_dir(directory, iteration), METADATA_FILE)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint of iteration {iteration} in {directory!r} has no {METADATA_FILE}")
+        complete = complete_iterations(directory)
+        raise CheckpointError(f"checkpoint of iteration {iteration} in {directory!r} is not complete: it has no "
+                              f"{METADATA_FILE}; complete iterations there: {', '.join(map(str, complete)) or 'none'}")
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:

@@ -31,6 +31,7 @@ import torch.nn as nn
 from megagpt.checkpoint.format import (FORMAT_VERSION, METADATA_FILE, MODEL_FILE, TRACKER_FILE, CheckpointError,
                                        check_compatible, is_converted, iteration_dir, layout_of, model_key,
                                        read_metadata, read_tracker, rng_file, shard_dir, zero_shard_file)
+from megagpt.checkpoint.integrity import damage_message, digests, verify_files
 from megagpt.config import Config
 from megagpt.fileio import atomic_torch_save, atomic_write_text
 from megagpt.parallel import comm
@@ -96,22 +97,14 @@ def _local_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
 
 
 def _gather_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:
-    """Every stage's tensor info, on every rank: JSON bytes all-gathered over the pipeline group.
+    """Every stage's tensor info, on every rank, gathered over the pipeline group.
 
     Global rank 0's pipeline group holds TP rank 0 of every stage, and local shapes times TP give global shapes,
     so one gather over that group sees the whole model."""
-    payload = json.dumps(_local_tensor_info(chunks, ps)).encode()
     device = next(chunks[0].parameters()).device
-    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    comm.all_reduce_max(length, ps.pp_group)
-    size = int(length.item())
-    local = torch.zeros(size, dtype=torch.uint8, device=device)
-    local[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-    gathered = torch.empty(size * ps.pp_size, dtype=torch.uint8, device=device)
-    comm.all_gather_into(gathered, local, ps.pp_group)
     merged = {}
-    for part in gathered.cpu().chunk(ps.pp_size):
-        merged.update(json.loads(bytes(part.tolist()).rstrip(b"\x00").decode()))
+    for part in comm.all_gather_bytes(json.dumps(_local_tensor_info(chunks, ps)).encode(), ps.pp_group, device):
+        merged.update(json.loads(part.decode()))
     return merged
 
 
@@ -123,8 +116,10 @@ class PendingSave:
 
     directory: str
     iteration: int
+    device: torch.device
     files: list = field(default_factory=list)     # [(object for torch.save, path)]
-    metadata: Optional[dict] = None               # global rank 0: metadata.json's content
+    metadata: Optional[dict] = None               # global rank 0: metadata.json's content (less the file digests)
+    digests: dict = field(default_factory=dict)   # this rank's written files: relative path -> size and CRC-32
 
 
 def save_checkpoint(directory: str, iteration: int, config: Config, ps: ParallelState, chunks: list[nn.Module],
@@ -153,7 +148,7 @@ def prepare_checkpoint(directory: str, iteration: int, config: Config, ps: Paral
     tensors = _gather_tensor_info(chunks, ps)           # collective: before any rank can fail on a write
     rng = get_rng_state(tracker) if save_rng else None
     optim_state = _to_cpu(optimizer.state_dict()) if save_optim else None
-    pending = PendingSave(directory, iteration)
+    pending = PendingSave(directory, iteration, next(chunks[0].parameters()).device)
     if ps.dp_rank == 0:
         state = {"iteration": iteration, "consumed_samples": consumed_samples,
                  "consumed_valid_samples": consumed_valid_samples, "checkpoint_version": FORMAT_VERSION,
@@ -182,20 +177,25 @@ def prepare_checkpoint(directory: str, iteration: int, config: Config, ps: Paral
 
 
 def write_files(pending: PendingSave) -> None:
-    """Put this rank's files on disk, each atomically (temporary name, fsync, rename); no collective."""
+    """Put this rank's files on disk, each atomically (temporary name, fsync, rename), and record their digests;
+    no collective. metadata.json is commit_checkpoint's: it lists every rank's digests."""
     for obj, path in pending.files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_torch_save(obj, path)
-    if pending.metadata is not None:
-        os.makedirs(iteration_dir(pending.directory, pending.iteration), exist_ok=True)
-        atomic_write_text(json.dumps(pending.metadata, indent=1, sort_keys=True),
-                          os.path.join(iteration_dir(pending.directory, pending.iteration), METADATA_FILE))
+    pending.digests = digests([path for _, path in pending.files],
+                              iteration_dir(pending.directory, pending.iteration))
 
 
 def commit_checkpoint(pending: PendingSave, ps: ParallelState) -> None:
-    """Collective, once every rank's files are written: rank 0 writes the tracker, which marks it complete."""
-    dist.barrier()                                      # every rank's shards are on disk
+    """Collective, once every rank's files are written: rank 0 writes metadata.json with every rank's file digests,
+    then the tracker, which marks the checkpoint complete."""
+    every = comm.all_gather_bytes(json.dumps(pending.digests).encode(), None, pending.device)  # after all writes
     if ps.rank == 0:
+        files = {rel: d for part in every for rel, d in json.loads(part.decode()).items()}
+        folder = iteration_dir(pending.directory, pending.iteration)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(json.dumps({**pending.metadata, "files": files}, indent=1, sort_keys=True),
+                          os.path.join(folder, METADATA_FILE))
         atomic_write_text(f"{pending.iteration}\n", os.path.join(pending.directory, TRACKER_FILE))
     dist.barrier()                                      # the tracker is visible to every rank on return
 
@@ -212,13 +212,21 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     """Restore model chunks and optimizer + scheduler state of this rank in place; return iteration, consumed
     samples and this rank's RNG states (apply them with `set_rng_state` once start-up has finished drawing).
 
-    Every rank reads only files, no collective: the layout check runs on every rank from metadata.json, so all
-    ranks fail alike."""
+    Collective: the layout check runs on every rank from metadata.json, then every rank verifies the digests of
+    the files it is about to read and the ranks agree, so all fail alike, with one message, before any shard is
+    unpickled."""
     meta = read_metadata(directory, iteration)
     check_compatible(meta, config, ps, len(chunks))
     load_optim, load_rng = _check_loadable(meta, config)
     iteration = meta["iteration"]
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
+    converted = is_converted(meta["layout"])
+    reads = [os.path.join(folder, MODEL_FILE)]
+    if load_optim and config.parallel.use_distributed_optimizer and not converted:
+        reads.append(zero_shard_file(folder, ps.dp_rank))
+    if load_rng and not converted:
+        reads.append(rng_file(folder, ps.dp_rank))
+    _agree_files_intact(directory, meta, reads, next(chunks[0].parameters()).device)
     state = _load_file(os.path.join(folder, MODEL_FILE))
     keys = [model_key(c, len(chunks)) for c in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
@@ -228,17 +236,27 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     weights = {n: t for key in keys for n, t in state[key].items()}
     if not load_optim:     # fresh optimizer and schedule, fp32 masters from the loaded weights (not their rounding)
         optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), None, weights))
-    elif is_converted(meta["layout"]):
+    elif converted:
         optimizer.load_state_dict(_own_optimizer_state(optimizer.state_dict(), state.get("optimizer"), weights))
     elif config.parallel.use_distributed_optimizer:
         optimizer.load_state_dict(_load_file(zero_shard_file(folder, ps.dp_rank))["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])   # after the model: fp32 masters overwrite bf16 rounding
-    rng = _load_file(rng_file(folder, ps.dp_rank)) if load_rng and not is_converted(meta["layout"]) else None
+    rng = _load_file(rng_file(folder, ps.dp_rank)) if load_rng and not converted else None
     if config.train.finetune:   # weights only: training starts over on its own data and schedule
         return LoadedCheckpoint(iteration=0, consumed_samples=0, rng_state=None)
     return LoadedCheckpoint(iteration=iteration, consumed_samples=int(state["consumed_samples"]), rng_state=rng,
                             consumed_valid_samples=int(state.get("consumed_valid_samples", 0)))
+
+
+def _agree_files_intact(directory: str, meta: dict, paths: list[str], device: torch.device) -> None:
+    """Collective over the world: CheckpointError on every rank when any rank's files fail their recorded digests."""
+    folder = iteration_dir(directory, meta["iteration"])
+    mine = verify_files(directory, meta, [os.path.relpath(p, folder) for p in paths])
+    every = comm.all_gather_bytes(json.dumps(mine).encode(), None, device)
+    problems = sorted({p for part in every for p in json.loads(part.decode())})
+    if problems:
+        raise CheckpointError(damage_message(directory, meta["iteration"], problems))
 
 
 def _check_loadable(meta: dict, config: Config) -> tuple[bool, bool]:

@@ -201,6 +201,8 @@ class TrainConfig:
     finetune: bool = arg(False, "load weights only: iteration 0, fresh optimizer, RNG and data position")
     no_load_optim: bool = arg(False, "do not load optimizer and LR-schedule state (fp32 masters from the weights)")
     no_load_rng: bool = arg(False, "do not load RNG states (keep this run's freshly seeded streams)")
+    ckpt_step: Optional[int] = arg(None, "resume from this iteration of --load instead of the one "
+                                   "latest_checkpointed_iteration.txt names (e.g. the one before a damaged save)")
     no_save_optim: bool = arg(False, "leave optimizer and LR-schedule state out of checkpoints")
     no_save_rng: bool = arg(False, "leave RNG states out of checkpoints")
     ckpt_format: str = arg("torch", "checkpoint format: torch (Megatron's legacy per-rank files + metadata.json)",

@@ -118,7 +118,7 @@ def validate(config: Config, world_size: int) -> None:
                                              ("--no-load-rng", t.no_load_rng), ("--no-save-optim", t.no_save_optim),
                                              ("--no-save-rng", t.no_save_rng),
                                              ("--keep-last-n-checkpoints", t.keep_last_n_checkpoints),
-                                             ("--async-save", t.async_save)) if on]
+                                             ("--async-save", t.async_save), ("--ckpt-step", t.ckpt_step)) if on]
         if native_only:
             problems.append(f"{', '.join(native_only)}: native checkpoints only, not with --deepspeed")
         if p.sequence_parallel:
@@ -131,6 +131,9 @@ def validate(config: Config, world_size: int) -> None:
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
     problems += logging_problems(config)
+    if t.ckpt_step is not None and (t.ckpt_step < 1 or not t.load):
+        problems.append(f"--ckpt-step {t.ckpt_step} names an iteration of --load to resume from: it needs --load and "
+                        f"an iteration >= 1")
     if t.non_persistent_ckpt_type not in (None, "global"):
         problems.append(f"--non-persistent-ckpt-type {t.non_persistent_ckpt_type} is not supported: only global "
                         f"(a full checkpoint in --non-persistent-global-ckpt-dir)")

@@ -34,16 +34,6 @@ def nonfinite_names(named_grads: list[tuple[str, Optional[torch.Tensor]]], limit
     return [n for n, g in named_grads if g is not None and not bool(torch.isfinite(g).all())][:limit]
 
 
-def _gather_text(text: str, group, size: int, device: torch.device) -> list[str]:
-    """Every rank's short text, on every rank (fixed-size byte rows through comm.all_gather_into)."""
-    row = torch.zeros(NAME_BYTES, dtype=torch.uint8, device=device)
-    data = text.encode()[:NAME_BYTES]
-    row[:len(data)] = torch.tensor(list(data), dtype=torch.uint8, device=device)
-    out = torch.empty(NAME_BYTES * size, dtype=torch.uint8, device=device)
-    comm.all_gather_into(out, row, group)
-    return [bytes(part.tolist()).rstrip(b"\x00").decode(errors="replace") for part in out.cpu().chunk(size)]
-
-
 class StepGuard:
     """--check-for-nan-in-loss-and-grad / --on-nan and --check-for-spiky-loss / --on-spike, judged per step."""
 
@@ -82,7 +72,8 @@ class StepGuard:
     def _nan(self, iteration: int, bad_loss: bool, bad_names: list[str]) -> bool:
         self.nan_iterations.append(iteration)
         parts = (["loss"] if bad_loss else []) + (["grads: " + ", ".join(bad_names)] if bad_names else [])
-        texts = _gather_text("; ".join(parts), None, self.ps.world_size, self.device)
+        texts = [t.decode(errors="replace") for t in
+                 comm.all_gather_bytes("; ".join(parts).encode()[:NAME_BYTES], None, self.device)]
         loss_ranks = [r for r, t in enumerate(texts) if t.startswith("loss")]
         grad_ranks = [r for r, t in enumerate(texts) if "grads:" in t]
         firsts = "; ".join(f"rank {r}: {t.split('grads: ', 1)[1]}" for r, t in enumerate(texts) if "grads:" in t)

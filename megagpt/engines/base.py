@@ -42,8 +42,9 @@ class Engine(Protocol):
         """Collective while a background (--async-save) save is in flight: (directory, iteration) of the checkpoint
         that just became complete, else None. `block` waits for it."""
 
-    def load(self, directory: str) -> LoadedCheckpoint:
-        """Restore a checkpoint in place; returns iteration, consumed samples and this rank's RNG states."""
+    def load(self, directory: str, iteration: Optional[int] = None) -> LoadedCheckpoint:
+        """Restore a checkpoint in place (`iteration`, default the newest complete one); returns iteration, consumed
+        samples and this rank's RNG states."""
 
     @property
     def loss_scale(self) -> float: ...

@@ -238,7 +238,7 @@ class DeepSpeedEngine:
     def poll_save(self, block: bool = False) -> Optional[tuple[str, int]]:
         return None   # saves are synchronous here
 
-    def load(self, directory: str) -> LoadedCheckpoint:
+    def load(self, directory: str, iteration: Optional[int] = None) -> LoadedCheckpoint:
         """Restore the checkpoint `latest` names: module, ZeRO shards and LR schedule in place; returns iteration,
         consumed samples and this rank's RNG states. Layout and model shape are checked from metadata.json first."""
         config, ps = self.config, self.ps

@@ -97,8 +97,8 @@ class NativeEngine:
     def poll_save(self, block: bool = False) -> Optional[tuple[str, int]]:
         return self.writer.poll(block) if self.writer is not None else None
 
-    def load(self, directory: str) -> LoadedCheckpoint:
-        return load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer)
+    def load(self, directory: str, iteration: Optional[int] = None) -> LoadedCheckpoint:
+        return load_checkpoint(directory, self.config, self.ps, self.chunks, self.optimizer, iteration)
 
     @property
     def loss_scale(self) -> float:

@@ -108,6 +108,21 @@ def all_reduce_max(tensor: torch.Tensor, group) -> None:
                 lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group))
 
 
+def all_gather_bytes(payload: bytes, group, device: torch.device) -> list[bytes]:
+    """Every rank's `payload` (any length), on every rank of `group`, in group-rank order: small metadata such as
+    JSON, padded to the longest and gathered as uint8 rows (works on gloo and NCCL alike; no pickling)."""
+    n = group_size(group)
+    if n == 1:
+        return [payload]
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    all_reduce_max(length, group)
+    row = torch.zeros(max(int(length.item()), 1), dtype=torch.uint8, device=device)
+    row[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload else 0
+    rows = torch.empty(row.numel() * n, dtype=torch.uint8, device=device)
+    all_gather_into(rows, row, group)
+    return [part.numpy().tobytes().rstrip(b"\x00") for part in rows.cpu().chunk(n)]
+
+
 def batch_send_recv(ops: list[tuple[str, torch.Tensor, int]], group: Optional[object] = None) -> None:
     """Run point-to-point ops [("send"|"recv", tensor, peer_global_rank)] together and wait for all.
 
