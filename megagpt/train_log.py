@@ -228,6 +228,12 @@ class TrainingLog:
         if self.config.logging.log_validation_ppl_to_tensorboard:
             self.writer.scalar("lm loss validation ppl", math.exp(min(20.0, loss)), iteration, consumed_samples)
 
+    def skipped(self, iteration: int, samples: int) -> None:
+        """An iteration of --iterations-to-skip: one line instead of a step."""
+        if self.printer:
+            print(f" iteration {iteration:8d}/{self.total_iters:8d} | skipped (--iterations-to-skip): its {samples} "
+                  f"samples were read, not trained on", flush=True)
+
     def pause(self) -> None:
         self._paused_at = time.perf_counter()
 

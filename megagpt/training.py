@@ -8,18 +8,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint.format import CheckpointError, checkpoint_format_problem, has_checkpoint, read_tracker
+from megagpt.checkpoint.format import (CheckpointError, checkpoint_format_problem, has_checkpoint,
+                                       read_iterations_to_skip, read_tracker, write_iterations_to_skip)
 from megagpt.checkpoint.sharded import prune_checkpoints, set_rng_state
-from megagpt.config import (Config, ConfigError, all_data_prefixes, final_global_batch_size, global_batch_size_at,
-                            non_persistent_dir, num_microbatches, num_model_chunks, raise_if, train_iters,
-                            train_samples, validate)
-from megagpt.data.gpt_dataset import MockGPTDataset, build_dataset, build_train_valid_test_datasets
+from megagpt.config import (Config, ConfigError, all_data_prefixes, global_batch_size_at, non_persistent_dir,
+                            num_microbatches, num_model_chunks, raise_if, train_iters, validate)
+from megagpt.data.batches import MicroBatches, build_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
@@ -124,41 +124,6 @@ def resolve_vocab(config: Config) -> None:
                               f"{config.model.vocab_size} ids: it was preprocessed with another tokenizer")
 
 
-class MicroBatches:
-    """Pulls one step's micro-batches from a loader and slices them into (tokens, labels, loss mask); with
-    `masked_token` (the end-of-document id under --eod-mask-loss) positions whose input is that token don't count."""
-
-    def __init__(self, loader, device: torch.device, masked_token: Optional[int] = None) -> None:
-        self.iterator: Iterator = iter(loader)
-        self.device, self.masked_token = device, masked_token
-
-    def next_step(self, count: int) -> list[MicroBatch]:
-        batches = []
-        for _ in range(count):
-            text = next(self.iterator)["text"].to(self.device, non_blocking=True)   # [b, s+1]
-            tokens = text[:, :-1].contiguous()                                      # [b, s]
-            mask = None if self.masked_token is None else (tokens != self.masked_token).float()   # [b, s]
-            batches.append((tokens, text[:, 1:].contiguous(), mask))
-        return batches
-
-
-def build_datasets(config: Config, launch: LaunchEnv, dp_size: int):
-    """Train, validation and test datasets sized for the whole run (train: every step's global batch added up)."""
-    t, m, d = config.train, config.model, config.data
-    iters, gbs = train_iters(config, dp_size), final_global_batch_size(config, dp_size)
-    eval_rounds = (iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
-    samples = (train_samples(config, dp_size), eval_rounds * gbs, t.eval_iters * gbs)
-    if d.mock_data:
-        return tuple(MockGPTDataset(n, m.seq_length, m.vocab_size, config.train.seed + i) if n else None
-                     for i, n in enumerate(samples))
-    where = dict(cache_dir=d.data_cache_path, is_builder=launch.local_rank == 0, mmap_bin=d.mmap_bin_files)
-    if d.data_path:
-        return build_train_valid_test_datasets(d.data_path, d.split, samples, m.seq_length, t.seed, **where)
-    paths = (d.train_data_path, d.valid_data_path, d.test_data_path)
-    return tuple(build_dataset(path, k, n, m.seq_length, t.seed, **where) if path and n else None
-                 for k, (path, n) in enumerate(zip(paths, samples)))
-
-
 class Trainer:
     """Holds this rank's engine (model chunks, optimizer) and data; `train_step` and `evaluate` run one round."""
 
@@ -176,14 +141,17 @@ class Trainer:
         self.consumed_valid_samples = 0   # validation samples read so far: a resume continues from there
         self.start_iteration = 0   # the last finished iteration: > 0 after resuming from a checkpoint
         self.last_saved = 0        # the iteration of this run's newest checkpoint (or the one it resumed from)
+        self.iterations_to_skip = set(config.train.iterations_to_skip)   # grows with --on-spike rollback
         self.train_data = self.valid_data = None
-        self.datasets = build_datasets(config, launch, ps.dp_size)
+        self.datasets = build_datasets(config, ps.dp_size, is_builder=launch.local_rank == 0)
 
     def save(self, directory: str, iteration: int, persistent: bool = True) -> None:
         """Checkpoint this rank's shards of `iteration` (collective: every rank calls it); with
         --keep-last-n-checkpoints, older ones are deleted once this one is complete (non-persistent ones: all but
         the newest)."""
         self.engine.save(directory, iteration, self.consumed_samples, self.consumed_valid_samples)
+        if self.iterations_to_skip and self.ps.rank == 0:    # the run's history goes wherever its checkpoints go
+            write_iterations_to_skip(directory, self.iterations_to_skip)
         if persistent:
             self.last_saved = iteration
         if not self.config.train.async_save:
@@ -201,10 +169,12 @@ class Trainer:
         if keep and self.ps.rank == 0:
             prune_checkpoints(directory, keep)
 
-    def load(self, directory: str) -> dict:
-        """Restore weights, optimizer, scheduler, consumed samples and iteration; returns this rank's RNG states,
-        to apply (`set_rng_state`) after `attach_data`, whose DataLoader iterator draws from the default generator."""
-        loaded = self.engine.load(directory, self.config.train.ckpt_step)
+    def load(self, directory: str, iteration: Optional[int] = None) -> dict:
+        """Restore weights, optimizer, scheduler, consumed samples and iteration (default: the newest), and the
+        iterations to skip recorded beside them; returns this rank's RNG states, to apply (`set_rng_state`) after
+        `attach_data`, whose DataLoader iterator draws from the default generator."""
+        loaded = self.engine.load(directory, iteration)
+        self.iterations_to_skip.update(read_iterations_to_skip(directory))
         self.start_iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
         self.consumed_valid_samples = loaded.consumed_valid_samples
         self.last_saved = loaded.iteration
@@ -248,6 +218,14 @@ class Trainer:
         loss, ok, grad_norm = self.engine.train_step(batches, count, gbs)
         self.consumed_samples += gbs
         return self._mean_over_dp(loss), ok, grad_norm
+
+    def skip_step(self) -> int:
+        """An iteration of --iterations-to-skip: read its data, so later iterations get theirs, and train nothing
+        (no forward, backward, update or LR step, as Megatron). Returns the samples it skipped."""
+        gbs = self.global_batch_size
+        self._next_batches(self.train_data, gbs // (self.config.train.micro_batch_size * self.ps.dp_size))
+        self.consumed_samples += gbs
+        return gbs
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -307,7 +285,7 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
                        p.pipeline_schedule)
     comm.all_reduce(torch.zeros(1, device=device), ps.pp_group)  # NCCL: every rank joins a group before its p2p
     trainer = Trainer(config, ps, device, launch)
-    rng_state = trainer.load(config.train.load) if config.train.load else None
+    rng_state = trainer.load(config.train.load, config.train.ckpt_step) if config.train.load else None
     trainer.attach_data()
     if rng_state is not None:   # None: a converted checkpoint, whose RNG streams belonged to another layout
         set_rng_state(rng_state, trainer.tracker)
@@ -351,7 +329,12 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
     t = config.train
     report = TrainingLog(config, ps, trainer.timers, trainer.chunks, total_iters, log)
     result = TrainResult()
-    for iteration in range(trainer.start_iteration + 1, total_iters + 1):
+    iteration = trainer.start_iteration
+    while iteration < total_iters:
+        iteration += 1
+        if iteration in trainer.iterations_to_skip:
+            report.skipped(iteration, trainer.skip_step())
+            continue
         guard.begin_iteration(iteration)
         gbs = trainer.global_batch_size
         loss, ok, grad_norm = trainer.train_step()
@@ -363,6 +346,10 @@ def _iterate(config: Config, trainer: Trainer, ps: ParallelState, log: bool, tot
                          trainer.engine)
         guard.end_iteration(iteration)
         report.pause()  # reports, evaluation, saving, profiler and manual GC are left out of the iteration time
+        if guard.rollback_requested:    # --on-spike rollback: on from the newest checkpoint, skipping since
+            iteration = guard.rollback(iteration)
+            report.resume()
+            continue
         instruments.after_iteration(iteration)
         if log and iteration == trainer.start_iteration + 1:
             print_memory(trainer, ps, iteration)

@@ -1,5 +1,6 @@
 """Megatron's data options (#10): --train/--valid/--test-data-path, --eod-mask-loss, --no-mmap-bin-files,
---dataloader-type cyclic end to end, and the options not run yet refused by name."""
+--dataloader-type cyclic end to end, and conflicting data sources refused by name (--reset-position-ids and
+--reset-attention-mask: tests/test_reset_documents.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 from distributed import run_distributed
 from megagpt.config import ConfigError, validate
 from megagpt.data.indexed_dataset import IndexedDataset
-from megagpt.training import MicroBatches, config_for_test, setup, train_loop
+from megagpt.data.batches import MicroBatches
+from megagpt.training import config_for_test, setup, train_loop
 from test_training import CORPUS
 
 
@@ -75,12 +77,7 @@ def test_unmapped_bin_reads_the_same_tokens(prefix):
     assert all(np.array_equal(mapped[i], read[i]) for i in (0, len(mapped) // 2, len(mapped) - 1))
 
 
-def test_data_sources_and_unsupported_options_are_named(prefix):
+def test_conflicting_data_sources_are_named(prefix):
     config = config_for_test(train_iters=1, data_path=[prefix], train_data_path=[prefix])
     with pytest.raises(ConfigError, match="give --data-path .* or --train/--valid/--test-data-path, not both"):
         validate(config, world_size=1)
-    config = config_for_test(train_iters=1, mock_data=True, reset_position_ids=True, reset_attention_mask=True)
-    with pytest.raises(ConfigError) as err:
-        validate(config, world_size=1)
-    assert "--reset-position-ids is not supported yet" in str(err.value)
-    assert "--reset-attention-mask is not supported yet" in str(err.value)

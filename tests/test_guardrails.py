@@ -133,3 +133,28 @@ def test_check_schedule_refuses_an_unmatched_send(monkeypatch):
     with pytest.raises(ConfigError, match=r"--check-schedule: .* 4 micro-batches over 4 stages.*stage 1's "
                                           r"send_forward of micro-batch 1 \(chunk 0\)"):
         preflight.check_schedules(config, pp_size=4, dp_size=1)
+
+
+def _rollback_worker(ckpt: str) -> dict:
+    layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, hidden_dropout=0.1,
+                  attention_dropout=0.1, train_iters=8, lr_decay_iters=8, check_for_spiky_loss=True,
+                  spiky_loss_factor=10.0, clip_grad=0.0)
+    rolled = _train("spike:rank=3:iteration=6", on_spike="rollback", save=ckpt, save_interval=4, **layout)
+    skip_file = open(os.path.join(ckpt, "iterations_to_skip.json")).read()
+    reference = _train(iterations_to_skip=[5, 6], **layout)          # never saw the spike: skips the same data
+    resumed = _train(load=ckpt, ckpt_step=4, **layout)               # the checkpoint from before the rollback
+    return dict(rolled=rolled, reference=reference, resumed=resumed, skip_file=skip_file)
+
+
+@pytest.mark.slow
+def test_spike_rollback_reloads_skips_the_window_and_a_resume_skips_it_too(tmp_path):
+    """Spike at 6 with checkpoints every 4: back to 4, iterations 5-6 only read their data, then 7-8 train. With
+    dropout on, equality with a run given --iterations-to-skip 5 6 needs weights, optimizer, schedule, data position
+    and every RNG stream restored exactly."""
+    r = run_distributed(_rollback_worker, 4, str(tmp_path / "ckpt"))[3]
+    rolled, reference, resumed = r["rolled"]["losses"], r["reference"]["losses"], r["resumed"]["losses"]
+    assert len(rolled) == 8 and len(reference) == 6 and r["rolled"]["skipped"] == 1
+    assert rolled[:4] == reference[:4] and rolled[5] > 10 * rolled[4]   # the spike (x100) was seen, then dropped
+    assert rolled[6:] == reference[4:]                                  # bit-exact after the rollback
+    assert r["resumed"]["start"] == 4 and resumed == reference[4:]      # the resume skipped 5-6 as well
+    assert '"iterations_to_skip": [5, 6]' in r["skip_file"]

@@ -3,8 +3,10 @@
 Native layout (Megatron's legacy layout plus our metadata.json; DESIGN.md "Checkpoints"):
 ```
 latest_checkpointed_iteration.txt          iteration number; written last, after every rank's files are on disk
+iterations_to_skip.json                    (after an --on-spike rollback) iterations a resume only reads data for
 iter_0000100/
-  metadata.json                            global rank 0: config, layout, iteration, tensors (global shape, TP dim)
+  metadata.json                            global rank 0: config, layout, iteration, tensors (global shape, TP dim),
+                                           every file's size and CRC-32 (integrity.py)
   mp_rank_{tp:02d}_{pp:03d}/
     model_optim_rng.pt                     DP rank 0 of (tp, pp): model chunks, optimizer (non-ZeRO) + scheduler
     distrib_optim_dp{dp:03d}.pt            every DP rank with --use-distributed-optimizer: its ZeRO shard
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from megagpt.config import Config, ModelConfig
+from megagpt.fileio import atomic_write_text
 
 if TYPE_CHECKING:   # annotations only: the format needs no process groups
     from megagpt.parallel.state import ParallelState
@@ -36,6 +39,9 @@ _ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_
                 "rotary_percent", "rotary_interleaved", "rotary_seq_len_interpolation_factor",
                 "use_rope_scaling", "rope_scaling_factor", "normalization", "swiglu", "num_query_groups",
                 "untie_embeddings_and_output_weights", "disable_bias_linear", "add_qkv_bias", "qk_layernorm")
+# Run history beside the tracker: iterations a resume must skip (--on-spike rollback). Not inside an iteration folder,
+# so that a resume from the very checkpoint the run rolled back to still skips them.
+SKIP_FILE = "iterations_to_skip.json"
 DS_TRACKER = "latest"   # DeepSpeed's tracker name, read by its load_checkpoint and zero_to_fp32.py
 DS_FORMAT = "deepspeed"
 
@@ -120,6 +126,21 @@ def complete_iterations(directory: str) -> list[int]:
     found = [int(n[5:]) for n in os.listdir(directory) if n.startswith("iter_") and n[5:].isdigit()]
     return sorted(i for i in found if i <= latest and
                   os.path.isfile(os.path.join(iteration_dir(directory, i), METADATA_FILE)))
+
+
+def read_iterations_to_skip(directory: str) -> list[int]:
+    """The iterations recorded in `directory`'s SKIP_FILE (none when it is absent)."""
+    path = os.path.join(directory, SKIP_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return sorted(json.load(f)["iterations_to_skip"])
+
+
+def write_iterations_to_skip(directory: str, iterations: Iterable[int]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(json.dumps({"iterations_to_skip": sorted(set(iterations))}) + "\n",
+                      os.path.join(directory, SKIP_FILE))
 
 
 def read_metadata(directory: str, iteration: Optional[int] = None) -> dict:

@@ -252,8 +252,10 @@ class DataConfig:
     mmap_bin_files: bool = arg(True, "memory-map the .bin files (off: read them into memory)",
                                flag="--no-mmap-bin-files")
     eod_mask_loss: bool = arg(False, "leave out of the loss the positions whose input token is end-of-document")
-    reset_position_ids: bool = arg(False, "restart position ids after each end-of-document (not supported yet)")
-    reset_attention_mask: bool = arg(False, "document-causal attention (not supported yet)")
+    reset_position_ids: bool = arg(False, "position ids restart at 0 after each end-of-document token (learned "
+                                   "positions and RoPE)")
+    reset_attention_mask: bool = arg(False, "document-causal attention: a token after an end-of-document token "
+                                     "attends to none at or before it")
 
 
 @dataclass

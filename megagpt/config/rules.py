@@ -181,17 +181,13 @@ def variant_problems(m: ModelConfig, tp: int, what: str = "") -> list[str]:
 
 
 def data_problems(d: DataConfig) -> list[str]:
-    """Where the data comes from, and the Megatron data options megagpt does not run yet."""
+    """Where the data comes from."""
     split_paths = d.train_data_path or d.valid_data_path or d.test_data_path
     problems = []
     if d.data_path and split_paths:
         problems.append("give --data-path (with --split) or --train/--valid/--test-data-path, not both")
     elif not d.mock_data and not d.data_path and not d.train_data_path:
         problems.append("no --data-path or --train-data-path given (or pass --mock-data)")
-    problems += [f"{flag} is not supported yet: drop it (documents are packed with causal attention across "
-                 f"boundaries and learned positions count from the sample start, as Megatron's default)"
-                 for flag, on in (("--reset-position-ids", d.reset_position_ids),
-                                  ("--reset-attention-mask", d.reset_attention_mask)) if on]
     return problems
 
 

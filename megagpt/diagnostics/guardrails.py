@@ -1,10 +1,11 @@
-"""What diagnostics/ adds to a training run, behind four calls from the loop (training.train_loop).
+"""What diagnostics/ adds to a training run, behind a few calls from the loop (training.train_loop).
 
 `Guardrails(config, trainer, ps)` runs the pre-flight schedule check, hands the numerical StepGuard to the engine
 (the optimizer consults it before every update) and starts the watchdog. The loop then calls `begin_iteration`
-(the ledger's iteration, fault injection's clock), `end_iteration` (replica consistency, straggler report), runs
-inside `watching()` (a collective that raises because a peer died starts the same forensics as a hang), and
-`close()`s it. Everything here is off the hot path except one small all-reduce per step for the NaN/spike verdict.
+(the ledger's iteration, fault injection's clock), `end_iteration` (replica consistency, straggler report) and
+`rollback` when the StepGuard asks for one (--on-spike rollback), runs inside `watching()` (a collective that
+raises because a peer died starts the same forensics as a hang), and `close()`s it. Everything here is off the
+hot path except one small all-reduce per step for the NaN/spike verdict.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from megagpt.checkpoint.format import CheckpointError
-from megagpt.config import Config
+from megagpt.checkpoint.format import (SKIP_FILE, CheckpointError, has_checkpoint, read_tracker,
+                                       write_iterations_to_skip)
+from megagpt.checkpoint.sharded import set_rng_state
+from megagpt.config import Config, TrainConfig, non_persistent_dir
 from megagpt.diagnostics.ledger import LEDGER
 from megagpt.diagnostics.numerics import NumericalAbort, StepGuard, replica_mismatch
 from megagpt.diagnostics.preflight import check_schedules
@@ -31,6 +34,13 @@ def report_dir(config: Config) -> str:
     """Where hang_report/ goes: --hang-report-dir, else --save, else --tensorboard-dir, else the working directory."""
     t = config.train
     return config.diagnostics.hang_report_dir or t.save or t.tensorboard_dir or "."
+
+
+def newest_checkpoint_dir(t: TrainConfig) -> Optional[str]:
+    """The directory holding this run's newest complete checkpoint: --save, or the non-persistent one."""
+    candidates = [d for d in (t.save, non_persistent_dir(t) if t.non_persistent_save_interval else None)
+                  if d and has_checkpoint(d)]
+    return max(candidates, key=read_tracker) if candidates else None
 
 
 def straggler_line(iteration: int, times: list[float], top: int = 3) -> str:
@@ -89,6 +99,43 @@ class Guardrails:
                 print(straggler_line(iteration, every.cpu().tolist()), flush=True)
         if iteration % t.log_interval == 0:
             self.step_times = []
+
+    @property
+    def rollback_requested(self) -> bool:
+        return self.guard is not None and self.guard.rollback_at is not None
+
+    def rollback(self, iteration: int) -> int:
+        """--on-spike rollback after the spike at `iteration` (its update already dropped): reload the run's newest
+        checkpoint and skip every iteration since, the spike's included (PaLM's recipe: the weights never see the
+        data that led into the spike). The skipped iterations are recorded beside the checkpoints before anything
+        is reloaded, so a resume from any of them skips them too. Returns the iteration the loop continues after."""
+        trainer, t = self.trainer, self.config.train
+        trainer.poll_save(block=True)                 # an in-flight save may be the newest checkpoint
+        directory = newest_checkpoint_dir(t)
+        if directory is None:
+            self.guard.forget_after(iteration)
+            self._say(f" megagpt guardrail: no checkpoint to roll back to yet: the update of iteration {iteration} "
+                      f"is dropped and training goes on")
+            return iteration
+        target = read_tracker(directory)
+        trainer.iterations_to_skip.update(range(target + 1, iteration + 1))
+        if self.ps.rank == 0:
+            for d in {directory, t.save}:
+                write_iterations_to_skip(d, trainer.iterations_to_skip)
+        rng_state = trainer.load(directory, target)
+        trainer.attach_data()
+        if rng_state is not None:
+            set_rng_state(rng_state, trainer.tracker)
+        self.guard.forget_after(target)
+        gbs = trainer.global_batch_size
+        self._say(f" megagpt guardrail: rolled back to the checkpoint of iteration {target} in {directory}; "
+                  f"iterations {target + 1}-{iteration} (from sample {trainer.consumed_samples}, {gbs} per "
+                  f"iteration) will only read their data (recorded in {SKIP_FILE})")
+        return target
+
+    def _say(self, line: str) -> None:
+        if self.reporter:
+            print(line, flush=True)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:

@@ -42,9 +42,10 @@ class StepGuard:
         self.ps, self.device, self.reporter = ps, device, reporter
         self.check_nan, self.check_grads, self.on_nan = check_nan, check_grads, on_nan
         self.spike_factor, self.on_spike = spike_factor, on_spike
-        self.history: deque[float] = deque(maxlen=100)    # losses of accepted steps, the spike reference
+        self.history: deque[tuple[int, float]] = deque(maxlen=100)   # (iteration, loss) of accepted steps
         self.nan_iterations: list[int] = []
         self.spike_iterations: list[int] = []
+        self.rollback_at: Optional[int] = None    # --on-spike rollback: the spike iteration, until the loop acts
 
     def _say(self, line: str) -> None:
         if self.reporter:
@@ -63,11 +64,18 @@ class StepGuard:
             return self._nan(iteration, bad_loss, bad_names)
         mean = float(verdict[2]) / self.ps.world_size   # every rank of a replica holds its loss: mean over DP
         if self.spike_factor is not None and self.history:
-            reference = sum(self.history) / len(self.history)
+            reference = sum(loss for _, loss in self.history) / len(self.history)
             if mean > self.spike_factor * reference:
                 return self._spike(iteration, mean, reference)
-        self.history.append(mean)
+        self.history.append((iteration, mean))
         return True
+
+    def forget_after(self, iteration: int) -> None:
+        """After a rollback to `iteration`: the spike reference is what it was then."""
+        kept = [(i, loss) for i, loss in self.history if i <= iteration]
+        self.history.clear()
+        self.history.extend(kept)
+        self.rollback_at = None
 
     def _nan(self, iteration: int, bad_loss: bool, bad_names: list[str]) -> bool:
         self.nan_iterations.append(iteration)
@@ -91,8 +99,10 @@ class StepGuard:
                    f"{reference:.6E} of the last {len(self.history)} steps; --on-spike {self.on_spike}")
         self._say(f" megagpt guardrail: {message}")
         if self.on_spike == "warn":
-            self.history.append(loss)
+            self.history.append((iteration, loss))
             return True
+        if self.on_spike == "rollback":
+            self.rollback_at = iteration
         return False
 
 

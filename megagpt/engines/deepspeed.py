@@ -48,6 +48,7 @@ from megagpt.checkpoint.format import (DS_FORMAT, DS_TRACKER, METADATA_FILE, Che
                                        ds_checkpoint_tag, ds_rng_file, layout_of)
 from megagpt.checkpoint.sharded import LoadedCheckpoint, get_rng_state
 from megagpt.config import Config, final_global_batch_size, num_microbatches, schedule_steps
+from megagpt.data.documents import documents_of
 from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.engines.native import run_schedule
 from megagpt.fileio import atomic_torch_save, atomic_write_text, fsync_tree
@@ -165,8 +166,10 @@ class DeepSpeedEngine:
         """Mean micro-batch loss of this rank, whether the update was applied, and the grad norm."""
         self.engine.train()
         losses = []
-        for tokens, labels, loss_mask in batches:
-            loss = token_mean(self.engine(tokens=tokens, labels=labels), loss_mask)   # this micro-batch's mean
+        for tokens, labels, loss_mask in batches:   # PP = 1 here (config.rules): every rank holds its tokens
+            position_ids, document_ids = documents_of(tokens, self.config.data) or (None, None)
+            out = self.engine(tokens=tokens, labels=labels, position_ids=position_ids, document_ids=document_ids)
+            loss = token_mean(out, loss_mask)                                  # this micro-batch's mean
             self.engine.backward(loss)                                         # scaled by 1/accumulation steps
             self.engine.step()                                                 # steps at the boundary only
             losses.append(loss.detach())

@@ -13,9 +13,11 @@ import torch.nn as nn
 from megagpt.checkpoint.async_save import AsyncCheckpointWriter
 from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, prepare_checkpoint, save_checkpoint
 from megagpt.config import Config
+from megagpt.data.documents import Documents, documents_of
 from megagpt.diagnostics.ledger import LEDGER
 from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.optim.builder import TrainingOptimizer
+from megagpt.parallel import comm
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.executor import broadcast_losses, forward_backward
@@ -34,12 +36,15 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
     (broadcast from the last stage, so every stage returns it). Backward scales each of the `count` losses by
     loss_scale / count, so the grads are those of the mean."""
     device = next(chunks[0].parameters()).device
+    documents = packed_documents(config, ps, batches, count, device)
 
     def forward_step(chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]):
         model = chunks[chunk]
         tokens, labels, loss_mask = batches[microbatch] if batches else (None, None, None)
+        position_ids, document_ids = documents[microbatch] if documents else (None, None)
         out = model(tokens=tokens if model.pre_process else None, input_tensor=input_tensor,
-                    labels=labels if model.post_process else None)
+                    labels=labels if model.post_process else None, position_ids=position_ids,
+                    document_ids=document_ids)
         if not model.post_process:
             return out, None
         loss = token_mean(out, loss_mask)            # token mean of this micro-batch
@@ -50,6 +55,24 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
                               num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,
                               schedule=config.parallel.pipeline_schedule, timers=timers)
     return broadcast_losses(losses, ps, device)
+
+
+def packed_documents(config: Config, ps: ParallelState, batches: list[MicroBatch], count: int,
+                     device: torch.device) -> list[Documents]:
+    """Each micro-batch's document layout under --reset-position-ids / --reset-attention-mask (empty when both are
+    off), on every pipeline stage: every layer needs it, but only the first and last stages read data, so under
+    PP the first stage's tokens reach the others by one broadcast over the pipeline group (count x b x s ids)."""
+    d = config.data
+    if not (d.reset_position_ids or d.reset_attention_mask):
+        return []
+    tokens = [t for t, _, _ in batches]
+    if ps.pp_size > 1:
+        shape = (count, config.train.micro_batch_size, config.model.seq_length)
+        stacked = (torch.stack(tokens).long() if ps.is_first_stage
+                   else torch.empty(shape, dtype=torch.long, device=device))         # [count, b, s]
+        comm.broadcast(stacked, ps.pp_ranks[0], ps.pp_group)
+        tokens = list(stacked)                                                       # count x [b, s]
+    return [documents_of(t, d) for t in tokens]
 
 
 def activation_shape(config: Config, ps: ParallelState) -> tuple[int, int, int]:

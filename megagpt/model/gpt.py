@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from megagpt.config import ModelConfig
 from megagpt.model.norms import build_norm
-from megagpt.model.transformer import TransformerLayer, seeded_normal_init
+from megagpt.model.transformer import TransformerLayer, document_mask, seeded_normal_init
 from megagpt.parallel import mappings
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -61,9 +61,10 @@ class Embedding(nn.Module):
             tag(self.position_embeddings.weight, sequence_parallel=sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens `[b, s]`; position_ids `[b, s]` per token (--reset-position-ids), None = 0..s-1 for every row."""
         s = tokens.size(1)
-        positions = torch.arange(s, device=tokens.device)
+        positions = torch.arange(s, device=tokens.device) if position_ids is None else position_ids   # [s] or [b, s]
         if not self.sequence_parallel:
             x = self.word_embeddings(tokens)                                            # [b, s, h]
             if self.learned_positions:
@@ -76,7 +77,10 @@ class Embedding(nn.Module):
         if self.learned_positions:
             shard = x.size(0)
             start = mappings.tp_rank(self.tp_group) * shard
-            x = x + self.position_embeddings(positions[start:start + shard]).unsqueeze(1)       # [s/tp, b, h]
+            if position_ids is None:
+                x = x + self.position_embeddings(positions[start:start + shard]).unsqueeze(1)   # [s/tp, b, h]
+            else:
+                x = x + self.position_embeddings(positions[:, start:start + shard]).transpose(0, 1)   # [s/tp, b, h]
         with self.tracker.fork():
             return self.dropout(x)
 
@@ -138,13 +142,18 @@ class GPTModel(nn.Module):
         return self._tied_weight[0] if self._tied_weight else self.output_layer.weight
 
     def forward(self, tokens: Optional[torch.Tensor] = None, input_tensor: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """First stage reads `tokens [b, s]`, later stages `input_tensor [s, b, h]`. The last stage returns the
         per-token loss `[b, s]` when `labels` are given, else vocab-parallel logits `[s, b, v/tp]`; other stages
-        return the hidden states to send on."""
-        x = self.embedding(tokens) if self.pre_process else input_tensor    # [s, b, h] ([s/tp, b, h] with SP)
+        return the hidden states to send on. Packed documents (data/documents.py, every stage gets them):
+        `position_ids [b, s]` restart positions (learned or RoPE), `document_ids [b, s]` keep attention within each
+        document; None = positions 0..s-1 and plain causal attention."""
+        x = self.embedding(tokens, position_ids) if self.pre_process else input_tensor   # [s, b, h] ([s/tp..] SP)
+        mask = None if document_ids is None else document_mask(document_ids, self.cfg.attention_core == "flash")
+        rope_positions = position_ids if self.cfg.position_embedding_type == "rope" else None
         for layer in self.decoder.layers.values():
-            x = layer(x)
+            x = layer(x, mask, rope_positions)
         if not self.post_process:
             return x
         x = self.decoder.final_layernorm(x)

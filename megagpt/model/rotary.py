@@ -8,12 +8,14 @@ A model in one convention equals the other after permuting the q and k rows of e
 
 Why it is tensor- and sequence-parallel safe: the rotation acts per head on the last dim, so a TP rank rotates its
 own heads with the same angles; and q, k come out of the QKV column-parallel linear, which has already all-gathered
-the sequence under SP, so every rank sees positions 0..s-1 in order. With `--rotary-percent` < 1 only the first
+the sequence under SP, so every rank sees positions 0..s-1 in order (or the per-token position ids of
+--reset-position-ids, `[b, s]`, which every rank holds whole). With `--rotary-percent` < 1 only the first
 rot = int(head_dim x percent) dims of each head rotate; the rest pass through (Megatron's rule).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -65,13 +67,23 @@ class RotaryEmbedding(nn.Module):
         key = (s, device)
         if key not in self._tables:
             angles = torch.outer(torch.arange(s, dtype=torch.float32), self.inv_freq)        # [s, rot/2]
-            if self.interleaved:
-                angles = angles.repeat_interleave(2, dim=-1)                                  # [s, rot]: k k
-            else:
-                angles = torch.cat((angles, angles), dim=-1)                                  # [s, rot]: | k | k |
-            angles = angles[:, None, None, :].to(device)                                     # [s, 1, 1, rot]
+            angles = self._pairs(angles)[:, None, None, :].to(device)                        # [s, 1, 1, rot]
             self._tables[key] = (angles.cos(), angles.sin())
         return self._tables[key]
+
+    def position_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[s, b, 1, rot]` for per-token positions `[b, s]` (not cached: they change every batch).
+        The angle p * f is the same fp32 product as in `tables`, so position p rotates identically in both."""
+        inv_freq = self.inv_freq.to(position_ids.device)
+        angles = position_ids.t().float()[..., None] * inv_freq                              # [s, b, rot/2]
+        angles = self._pairs(angles)[:, :, None, :]                                          # [s, b, 1, rot]
+        return angles.cos(), angles.sin()
+
+    def _pairs(self, angles: torch.Tensor) -> torch.Tensor:
+        """Each angle repeated in the two dims of its pair: [..., rot/2] -> [..., rot]."""
+        if self.interleaved:
+            return angles.repeat_interleave(2, dim=-1)                                        # k k
+        return torch.cat((angles, angles), dim=-1)                                            # | k | k |
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """The pair partner with a sign: (x_i, x_j) -> (-x_j, x_i)."""
@@ -81,9 +93,13 @@ class RotaryEmbedding(nn.Module):
         first, second = x.chunk(2, dim=-1)                                                    # 2 x [s, b, n, rot/2]
         return torch.cat((-second, first), dim=-1)                                            # [s, b, n, rot]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[s, b, n, d]` rotated by position along s (its first rot dims; the rest unchanged)."""
-        cos, sin = self.tables(x.size(0), x.device)
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x `[s, b, n, d]` rotated by position (its first rot dims; the rest unchanged): 0..s-1 along s, or
+        `position_ids [b, s]` per token."""
+        if position_ids is None:
+            cos, sin = self.tables(x.size(0), x.device)                                      # [s, 1, 1, rot]
+        else:
+            cos, sin = self.position_tables(position_ids)                                    # [s, b, 1, rot]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rotated, passed = x[..., :self.rot], x[..., self.rot:]                                # [s, b, n, rot], rest
         rotated = rotated * cos + self._rotate(rotated) * sin                                 # [s, b, n, rot]

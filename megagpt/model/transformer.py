@@ -68,6 +68,19 @@ def _in_glu_tp_order(init: InitMethod, tp: int) -> InitMethod:
     return fill
 
 
+def document_mask(document_ids: torch.Tensor, flash: bool) -> torch.Tensor:
+    """Document-causal attention (--reset-attention-mask) as `[b, 1, s, s]` for the attention backend, built once per
+    micro-batch: for scaled_dot_product_attention (`flash`) True = attend (causal and same document); for
+    FusedScaleMaskSoftmax True = masked out (another document; its causal mask adds the future). Every token sees
+    itself, so no row is empty (no NaN)."""
+    query, key = document_ids[:, None, :, None], document_ids[:, None, None, :]   # [b, 1, s, 1], [b, 1, 1, s]
+    if not flash:
+        return query != key                                                     # [b, 1, s, s]
+    s = document_ids.size(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril_()   # [s, s]
+    return (query == key) & causal                                                # [b, 1, s, s]
+
+
 class ParallelAttention(nn.Module):
     """Causal self-attention with heads split across TP ranks (QKV column-split, output row-split).
 
@@ -106,10 +119,12 @@ class ParallelAttention(nn.Module):
                                              and cfg.attention_core == "fused")
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q `[s, b, np/tp, hd]`, k and v `[s, b, ng/tp, hd]` -> context `[s, b, h/tp]`."""
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q `[s, b, np/tp, hd]`, k and v `[s, b, ng/tp, hd]` -> context `[s, b, h/tp]`; `mask`: document_mask's
+        `[b, 1, s, s]` for this backend, None = causal only."""
         if self.flash:
-            return self.flash_attention(q, k, v)
+            return self.flash_attention(q, k, v, mask)
         if self.q_per_group > 1:   # each key/value head serves its group's n/G consecutive query heads
             k = k.repeat_interleave(self.q_per_group, dim=2)                # [s, b, np/tp, hd]
             v = v.repeat_interleave(self.q_per_group, dim=2)                # [s, b, np/tp, hd]
@@ -118,25 +133,30 @@ class ParallelAttention(nn.Module):
         k = k.permute(1, 2, 3, 0)                                           # [b, np/tp, hd, s]
         v = v.permute(1, 2, 0, 3)                                           # [b, np/tp, s, hd]
         scores = torch.matmul(q, k)                                         # [b, np/tp, s, s]
-        probs = self.softmax(scores, None)                                  # [b, np/tp, s, s]
+        probs = self.softmax(scores, mask)                                  # [b, np/tp, s, s]
         with self.tracker.fork():  # heads differ per TP rank: per-rank dropout stream
             probs = self.attention_dropout(probs)
         context = torch.matmul(probs, v)                                    # [b, np/tp, s, hd]
         return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
 
-    def flash_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def flash_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, no [s, s] scores kept;
-        grouped-query attention through its enable_gqa (no copies of k and v)."""
+        grouped-query attention through its enable_gqa (no copies of k and v). Causal through is_causal (the flash
+        kernel) unless a document mask is given (True = attend; the memory-efficient kernel takes it)."""
         s, b, n, d = q.shape                                                # [s, b, np/tp, hd]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))                # [b, np/tp or ng/tp, s, hd]
         dropout = self.attention_dropout.p if self.training else 0.0
         with self.tracker.fork():  # heads differ per TP rank: per-rank dropout stream
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                     scale=self.softmax.scale,
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     is_causal=mask is None, scale=self.softmax.scale,
                                                      enable_gqa=self.q_per_group > 1)   # [b, np/tp, s, hd]
         return context.permute(2, 0, 1, 3).reshape(s, b, n * d)            # [s, b, h/tp]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x `[s, b, h]` (`[s/tp, b, h]` with SP); `mask`: see core_attention; `position_ids [b, s]`: RoPE angles per
+        token (--reset-position-ids), None = 0..s-1."""
         qkv, _ = self.linear_qkv(x)                                         # [s, b, (np+2ng)hd/tp]
         s, b = qkv.shape[:2]
         d = self.head_dim
@@ -146,11 +166,11 @@ class ParallelAttention(nn.Module):
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)                 # normalised over hd
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)                           # rotated by position along s
+            q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)   # rotated by position
         if self.selective_recompute and self.training:
-            context = tp_random.checkpoint(self.core_attention, self.tracker, q, k, v)
+            context = tp_random.checkpoint(self.core_attention, self.tracker, q, k, v, mask)
         else:
-            context = self.core_attention(q, k, v)
+            context = self.core_attention(q, k, v, mask)
         out, _ = self.linear_proj(context)                                  # [s, b, h] (or [s/tp, b, h] with SP)
         return out
 
@@ -210,11 +230,14 @@ class TransformerLayer(nn.Module):
         with self.tracker.fork():  # sequence-split activations: each TP rank holds different tokens
             return self.hidden_dropout(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._dropout(self.self_attention(self.input_layernorm(x)))   # [s, b, h]
-        return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))          # [s, b, h]
+    def _forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
+                 position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self._dropout(self.self_attention(self.input_layernorm(x), mask, position_ids))   # [s, b, h]
+        return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))                          # [s, b, h]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x `[s, b, h]`; `mask` and `position_ids` as ParallelAttention.forward (None: causal, 0..s-1)."""
         if self.full_recompute and self.training:
-            return tp_random.checkpoint(self._forward, self.tracker, x)
-        return self._forward(x)
+            return tp_random.checkpoint(self._forward, self.tracker, x, mask, position_ids)
+        return self._forward(x, mask, position_ids)
