@@ -201,6 +201,8 @@ class TrainConfig:
     finetune: bool = arg(False, "load weights only: iteration 0, fresh optimizer, RNG and data position")
     no_load_optim: bool = arg(False, "do not load optimizer and LR-schedule state (fp32 masters from the weights)")
     no_load_rng: bool = arg(False, "do not load RNG states (keep this run's freshly seeded streams)")
+    iterations_to_skip: list = arg([], "1-based iterations that only read their data: no forward, backward, update "
+                                   "or LR step (Megatron's; --on-spike rollback adds to it)", nargs="*", type=int)
     ckpt_step: Optional[int] = arg(None, "resume from this iteration of --load instead of the one "
                                    "latest_checkpointed_iteration.txt names (e.g. the one before a damaged save)")
     no_save_optim: bool = arg(False, "leave optimizer and LR-schedule state out of checkpoints")
@@ -318,7 +320,8 @@ class DiagnosticsConfig:
                       choices=["abort", "skip"])
     check_for_spiky_loss: bool = arg(False, "compare each step's loss with the running mean of the last 100")
     spiky_loss_factor: float = arg(10.0, "a loss above this factor x the running mean is a spike")
-    on_spike: str = arg("warn", "on a loss spike: warn, or skip the update (rollback: not available yet)",
+    on_spike: str = arg("warn", "on a loss spike: warn, skip the update, or rollback (reload the newest checkpoint "
+                        "and skip the iterations since, spike included)",
                         choices=["warn", "skip", "rollback"])
     check_replica_consistency_interval: Optional[int] = arg(None, "every N iterations, compare a hash of the "
                                                             "parameters across data-parallel replicas")

@@ -131,6 +131,14 @@ def validate(config: Config, world_size: int) -> None:
         problems += schedule_problems(o.lr, o.min_lr, steps["warmup"], steps["decay"], o.lr_decay_style)
     problems += optimizer_problems(o)
     problems += logging_problems(config)
+    if config.diagnostics.on_spike == "rollback" and config.diagnostics.check_for_spiky_loss and not (
+            t.save and (t.save_interval or t.non_persistent_save_interval)):
+        problems.append("--on-spike rollback reloads the newest checkpoint of this run: give --save and "
+                        "--save-interval (or --non-persistent-save-interval)")
+    if config.diagnostics.on_spike == "rollback" and p.deepspeed:
+        problems.append("--on-spike rollback: native engine only (DeepSpeed runs no loss-spike check)")
+    if any(i < 1 for i in t.iterations_to_skip):
+        problems.append(f"--iterations-to-skip takes 1-based iterations, got {sorted(t.iterations_to_skip)}")
     if t.ckpt_step is not None and (t.ckpt_step < 1 or not t.load):
         problems.append(f"--ckpt-step {t.ckpt_step} names an iteration of --load to resume from: it needs --load and "
                         f"an iteration >= 1")
@@ -223,9 +231,6 @@ def diagnostics_problems(g: DiagnosticsConfig) -> list[str]:
     if g.check_replica_consistency_interval is not None and g.check_replica_consistency_interval <= 0:
         problems.append(f"--check-replica-consistency-interval must be positive, got "
                         f"{g.check_replica_consistency_interval}")
-    if g.on_spike == "rollback":
-        problems.append("--on-spike rollback (reload the last checkpoint, skip the data since) is not available "
-                        "yet: use warn or skip")
     return problems
 
 
