@@ -56,7 +56,9 @@ def _all_p2p_names() -> list[str]:
 # schedule alone: all-grads-sync runs after it here (Megatron nests it inside), so the level-1 spans do not overlap.
 TIMERS_BY_LEVEL: dict[int, list[str]] = {
     1: ["forward-backward", "layernorm-grads-all-reduce", "embedding-grads-all-reduce", "grads-all-reduce",
-        "grads-reduce-scatter", "all-grads-sync", "params-all-gather", "optimizer"],
+        "grads-reduce-scatter", "all-grads-sync", "params-all-gather", "optimizer-copy-to-main-grad",
+        "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad", "optimizer-count-zeros", "optimizer-inner-step",
+        "optimizer-copy-main-to-model-params", "optimizer"],
     2: ["batch-generator", "forward-compute", "backward-compute", *_all_p2p_names()],
 }
 

@@ -156,6 +156,10 @@ def test_timers_print_min_max_over_two_ranks(run):
         parts = sum(block[n][1] for n in ("batch-generator", "forward-backward", "all-grads-sync", "optimizer"))
         assert parts <= iteration_ms * 1.05 + 1.0, (parts, iteration_ms)
         assert block["forward-compute"][1] + block["backward-compute"][1] <= block["forward-backward"][1] * 1.05 + 1
+        optimizer_parts = ("optimizer-copy-to-main-grad", "optimizer-clip-main-grad", "optimizer-inner-step",
+                           "optimizer-copy-main-to-model-params")   # Megatron's sub-timers (fp32: no unscale)
+        assert set(optimizer_parts) <= block.keys() and "optimizer-unscale-and-check-inf" not in block
+        assert sum(block[n][0] for n in optimizer_parts) <= block["optimizer"][1] * 1.05 + 1.0   # nested
     assert not _timer_blocks(run["ranks"][0]["stdout"])          # printed once, by the last rank
 
 

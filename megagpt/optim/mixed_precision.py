@@ -226,34 +226,43 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self) -> tuple[bool, Optional[float], Optional[int]]:
-        """One update. Returns (update_successful, grad_norm before clipping, number of zero grads or None)."""
-        grads: list[torch.Tensor] = []
-        for s in self.slots:
-            g = self._slot_grad(s)
-            if g is None:
-                g = torch.zeros_like(s.master)
-            s.master.grad = g.view_as(s.master)
-            grads.append(s.master.grad)
+        """One update. Returns (update_successful, grad_norm before clipping, number of zero grads or None).
+        Its parts are timed at level 1 under Megatron's optimizer-* names."""
+        with self.timers("optimizer-copy-to-main-grad", 1):
+            grads: list[torch.Tensor] = []
+            for s in self.slots:
+                g = self._slot_grad(s)
+                if g is None:
+                    g = torch.zeros_like(s.master)
+                s.master.grad = g.view_as(s.master)
+                grads.append(s.master.grad)
         if self.grad_scaler is not None:
-            inv_scale = 1.0 / self.grad_scaler.scale
-            found = torch.zeros((), dtype=torch.float32, device=self.device)
-            for g in grads:
-                g.mul_(inv_scale)
-                found = torch.maximum(found, (~torch.isfinite(g)).any().float())
-            found_inf = self._agree_on(found)
+            with self.timers("optimizer-unscale-and-check-inf", 1):
+                inv_scale = 1.0 / self.grad_scaler.scale
+                found = torch.zeros((), dtype=torch.float32, device=self.device)
+                for g in grads:
+                    g.mul_(inv_scale)
+                    found = torch.maximum(found, (~torch.isfinite(g)).any().float())
+                found_inf = self._agree_on(found)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 self.skipped_iterations += 1
                 self._drop_master_grads()
                 return False, None, None
         norm_grads = [g for s, g in zip(self.slots, grads) if param_counts_toward_norm(s.param, self.ps)]
-        grad_norm = get_grad_norm(self.params, self.ps, grads_for_norm=norm_grads, dp_sharded=self.dp_sharded)
-        if self.config.clip_grad > 0:
-            clip_grads_(grads, self.config.clip_grad, grad_norm)
-        num_zeros = self._count_zeros(norm_grads) if self.config.log_num_zeros_in_grad else None
-        self.optimizer.step()
-        self._drop_master_grads()
-        self._copy_masters_to_model()
+        with self.timers("optimizer-clip-main-grad", 1):
+            grad_norm = get_grad_norm(self.params, self.ps, grads_for_norm=norm_grads, dp_sharded=self.dp_sharded)
+            if self.config.clip_grad > 0:
+                clip_grads_(grads, self.config.clip_grad, grad_norm)
+        num_zeros = None
+        if self.config.log_num_zeros_in_grad:
+            with self.timers("optimizer-count-zeros", 1):
+                num_zeros = self._count_zeros(norm_grads)
+        with self.timers("optimizer-inner-step", 1):
+            self.optimizer.step()
+        with self.timers("optimizer-copy-main-to-model-params", 1):
+            self._drop_master_grads()
+            self._copy_masters_to_model()
         return True, grad_norm, num_zeros
 
     def _count_zeros(self, grads: list[torch.Tensor]) -> int:
