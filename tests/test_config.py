@@ -3,7 +3,7 @@ import pytest
 
 from megagpt.cli import PRESETS, parse_args
 from megagpt.config import (Config, ConfigError, ModelConfig, final_global_batch_size, global_batch_size_at,
-                            num_microbatches, num_parameters, raise_if, train_iters, validate)
+                            num_microbatches, num_parameters, raise_if, step_schedule, train_iters, validate)
 from megagpt.training import environment_problems
 from megagpt.config import pad_vocab_size
 
@@ -201,3 +201,26 @@ def test_deprecated_forms_are_accepted_with_a_note(capsys):
     for bad in (["--data-impl", "lazy"], ["--transformer-impl", "transformer_engine"]):
         with pytest.raises(SystemExit, match="not supported"):
             parse_args(bad)
+
+
+def test_step_batch_size_schedule_follows_megatrons_form():
+    """Thresholds in tokens (K/M/B/T) become samples of seq-length tokens; each step takes the size of the last
+    threshold reached; --train-samples walks it as Megatron does (a last step may pass the total)."""
+    c = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                    "--max-position-embeddings", "16", "--micro-batch-size", "2", "--train-samples", "40",
+                    "--step-batch-size-schedule", "0:4 0.128K:8 0.384k:12", "--mock-data"])
+    assert step_schedule(c) == [(0, 4), (8, 8), (24, 12)] and final_global_batch_size(c, 2) == 12
+    assert [global_batch_size_at(c, 2, n) for n in (0, 4, 8, 16, 24, 36)] == [4, 4, 8, 8, 12, 12]
+    assert train_iters(c, 2) == 6                                  # consumed 0 4 8 16 24 36, then 48 >= 40
+    validate(c, 2)
+    c.train.global_batch_size = 12
+    with pytest.raises(ConfigError, match="drop --global-batch-size"):
+        validate(c, 2)
+    c.train.global_batch_size, c.train.step_batch_size_schedule = None, "0:4 128:6"
+    with pytest.raises(ConfigError, match=r"global batch sizes \[6\] are not multiples of micro-batch-size 2 x "
+                                          r"data-parallel size 2"):
+        validate(c, 2)
+    for bad in ("16:4 128:8", "0:4 128:8 64:12", "0:4 x:8", "0-4"):
+        c.train.step_batch_size_schedule = bad
+        with pytest.raises(ConfigError, match="step-batch-size-schedule"):
+            validate(c, 2)

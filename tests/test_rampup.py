@@ -61,3 +61,15 @@ def test_resume_in_the_middle_of_the_ramp_is_exact(tmp_path):
     assert resumed_sizes == EXPECTED_SIZES[6:]
     assert resumed == straight[6:]                         # dropout on: bit-exact only with every RNG restored
     assert "global batch size:     4 |" in log and "global batch size:    12 |" in log
+
+
+def _step_schedule_run():
+    config = _config(40, rampup_batch_size=None, global_batch_size=None,
+                     step_batch_size_schedule="0:4 128:8 384:12")   # tokens: 128 / 16 = 8 samples, 384 -> 24
+    return _run(config, log=True)
+
+
+def test_step_batch_size_schedule_drives_the_steps():
+    (losses, sizes, _, log), = run_distributed(_step_schedule_run, 1)
+    assert sizes == [4, 4, 8, 8, 12, 12] and len(losses) == 6     # consumed 0 4 8 16 24 36 -> 48 >= 40
+    assert "global batch size:     8 |" in log and "global batch size:    12 |" in log

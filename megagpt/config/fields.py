@@ -189,6 +189,9 @@ class TrainConfig:
                                                  "(default micro-batch-size x DP)")
     rampup_batch_size: Optional[list] = arg(None, "START INCREMENT SAMPLES: grow the global batch from START by "
                                             "INCREMENT over SAMPLES samples", nargs=3, type=int)
+    step_batch_size_schedule: Optional[str] = arg(None, "'TOKENS:SIZE TOKENS:SIZE ...': the global batch size from "
+                                                  "each token count on (K/M/B/T suffixes; first at 0, the last "
+                                                  "size is the final one)")
     train_iters: Optional[int] = arg(None, "optimizer steps (or give --train-samples)")
     train_samples: Optional[int] = arg(None, "samples to train on (sample-based training)")
     eval_interval: int = arg(1000, "evaluate on the validation split every N iterations")

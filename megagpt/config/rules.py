@@ -8,7 +8,8 @@ import os
 from typing import Optional
 
 from megagpt.config.fields import (Config, ConfigError, DECAY_STYLES, DataConfig, DiagnosticsConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig)
-from megagpt.config.run_length import (final_global_batch_size, num_microbatches, num_model_chunks, pipeline_schedule_problems, run_length_problems, schedule_steps)
+from megagpt.config.run_length import (final_global_batch_size, num_microbatches, num_model_chunks, pipeline_schedule_problems,
+                                       run_length_problems, schedule_steps, step_schedule_problems)
 
 __all__ = ["all_data_prefixes", "data_prefixes", "data_problems", "diagnostics_problems", "layout_problems", "logging_problems", "non_persistent_dir", "optimizer_problems", "raise_if", "schedule_problems", "validate", "variant_problems"]
 
@@ -79,6 +80,7 @@ def validate(config: Config, world_size: int) -> None:
     m, p, t, o, d = config.model, config.parallel, config.train, config.optim, config.data
     tp, pp, vl = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
     dp = max(world_size // max(tp * pp, 1), 1)
+    raise_if(step_schedule_problems(config, dp))    # every batch size below comes from it
     batch_ok = t.micro_batch_size >= 1 and final_global_batch_size(config, dp) % (t.micro_batch_size * dp) == 0
     problems = layout_problems(tp, pp, world_size=world_size, num_attention_heads=m.num_attention_heads,
                                num_layers=m.num_layers, ffn_size=m.ffn_size)

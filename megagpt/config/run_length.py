@@ -6,18 +6,49 @@ from typing import Optional
 
 from megagpt.config.fields import (Config)
 
-__all__ = ["final_global_batch_size", "global_batch_size_at", "num_microbatches", "num_model_chunks", "pipeline_schedule_problems", "resolved_pipeline_schedule", "run_length_problems", "schedule_steps", "train_iters", "train_samples", "v_shaped"]
+__all__ = ["final_global_batch_size", "step_schedule", "step_schedule_problems", "global_batch_size_at", "num_microbatches", "num_model_chunks", "pipeline_schedule_problems", "resolved_pipeline_schedule", "run_length_problems", "schedule_steps", "train_iters", "train_samples", "v_shaped"]
+
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def _count(text: str) -> int:
+    """'250B' -> 250_000_000_000 (Megatron's K/M/B/T suffixes; a decimal mantissa is allowed)."""
+    text = text.strip().upper()
+    scale = _SUFFIXES.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def step_schedule(config: Config) -> list[tuple[int, int]]:
+    """--step-batch-size-schedule as [(first sample, global batch size)], thresholds given in tokens and turned into
+    samples (// seq-length), as Megatron does; ValueError naming the entry when one cannot be read."""
+    entries = []
+    for entry in config.train.step_batch_size_schedule.replace(",", " ").split():
+        tokens, sep, size = entry.partition(":")
+        try:
+            entries.append((_count(tokens) // config.model.seq_length, _count(size)))
+        except ValueError:
+            raise ValueError(f"--step-batch-size-schedule entry {entry!r} is not TOKENS:SIZE") from None
+        if not sep:
+            raise ValueError(f"--step-batch-size-schedule entry {entry!r} is not TOKENS:SIZE")
+    return entries
 
 
 def final_global_batch_size(config: Config, dp_size: int) -> int:
-    """--global-batch-size, or Megatron's default micro-batch-size x DP (one micro-batch per step)."""
+    """--global-batch-size (the last size of --step-batch-size-schedule), or Megatron's default micro-batch-size x
+    DP (one micro-batch per step)."""
     t = config.train
+    if t.step_batch_size_schedule:
+        return step_schedule(config)[-1][1]
     return t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp_size
 
 
 def global_batch_size_at(config: Config, dp_size: int, consumed_samples: int) -> int:
-    """The global batch size of the step that starts after `consumed_samples` (Megatron's ramp-up: from START,
-    +INCREMENT every SAMPLES / ((final - START) / INCREMENT) samples, the final size once SAMPLES are passed)."""
+    """The global batch size of the step that starts after `consumed_samples`: the step schedule's entry, or
+    Megatron's ramp-up (from START, +INCREMENT every SAMPLES / ((final - START) / INCREMENT) samples, the final size
+    once SAMPLES are passed)."""
+    if config.train.step_batch_size_schedule:
+        return [size for first, size in step_schedule(config) if consumed_samples >= first][-1]
     final = final_global_batch_size(config, dp_size)
     if not config.train.rampup_batch_size:
         return final
@@ -42,6 +73,11 @@ def train_iters(config: Config, dp_size: int) -> int:
     if t.train_iters is not None:
         return t.train_iters
     iterations = consumed = 0
+    if t.step_batch_size_schedule:     # Megatron's walk: the last step may end past --train-samples
+        while consumed < t.train_samples:
+            consumed += global_batch_size_at(config, dp_size, consumed)
+            iterations += 1
+        return iterations
     ramp_end = t.rampup_batch_size[2] if t.rampup_batch_size else -1
     while consumed <= ramp_end and consumed <= t.train_samples:
         consumed += global_batch_size_at(config, dp_size, consumed)
@@ -99,6 +135,32 @@ def run_length_problems(config: Config, dp_size: int) -> list[str]:
                         "--weight-decay-incr-style" if incr else
                         "--start/--end-weight-decay need --weight-decay-incr-style linear or cosine")
     return problems + _rampup_problems(config, dp_size)
+
+
+def step_schedule_problems(config: Config, dp_size: int) -> list[str]:
+    """What is wrong with --step-batch-size-schedule (checked first: every batch size comes from it)."""
+    t = config.train
+    if not t.step_batch_size_schedule:
+        return []
+    others = [f for f, v in (("--global-batch-size", t.global_batch_size), ("--rampup-batch-size",
+                                                                           t.rampup_batch_size)) if v]
+    if others:
+        return [f"--step-batch-size-schedule sets the global batch size: drop {' and '.join(others)}"]
+    try:
+        entries = step_schedule(config)
+    except ValueError as exc:
+        return [str(exc)]
+    firsts, sizes = [f for f, _ in entries], [s for _, s in entries]
+    step = t.micro_batch_size * dp_size
+    if not entries or firsts[0] != 0 or any(b <= a for a, b in zip(firsts, firsts[1:])) or min(sizes) < 1:
+        return [f"--step-batch-size-schedule {t.step_batch_size_schedule!r}: the first entry must start at 0 tokens, "
+                f"the thresholds must grow (in samples of {config.model.seq_length} tokens: {firsts}) and every size "
+                f"be >= 1"]
+    bad = [s for s in sizes if s % step]
+    if bad:   # Megatron finds this only when the step is reached; here before start-up
+        return [f"--step-batch-size-schedule: global batch sizes {bad} are not multiples of micro-batch-size "
+                f"{t.micro_batch_size} x data-parallel size {dp_size}"]
+    return []
 
 
 def _rampup_problems(config: Config, dp_size: int) -> list[str]:
