@@ -113,9 +113,9 @@ def validate(config: Config, world_size: int) -> None:
         if p.use_distributed_optimizer:
             problems.append("--deepspeed and --use-distributed-optimizer both shard the optimizer: the ZeRO stage "
                             "comes from the DeepSpeed config")
-        if t.rampup_batch_size:
-            problems.append("--deepspeed fixes its gradient accumulation steps at start-up: --rampup-batch-size "
-                            "runs on the native path only")
+        if t.rampup_batch_size or t.step_batch_size_schedule:
+            problems.append("--deepspeed fixes its gradient accumulation steps at start-up: --rampup-batch-size and "
+                            "--step-batch-size-schedule run on the native path only")
         native_only = [flag for flag, on in (("--finetune", t.finetune), ("--no-load-optim", t.no_load_optim),
                                              ("--no-load-rng", t.no_load_rng), ("--no-save-optim", t.no_save_optim),
                                              ("--no-save-rng", t.no_save_rng),
