@@ -29,7 +29,7 @@ from megagpt.engines.base import Engine, MicroBatch
 from megagpt.engines.native import params_dtype
 from megagpt.diagnostics.guardrails import Guardrails
 from megagpt.parallel import comm
-from megagpt.plan import dry_run, startup_report
+from megagpt.plan import activation_check, dry_run, startup_report
 from megagpt.run_control import RunControl
 from megagpt.parallel import random as tp_random
 from megagpt.parallel.launch import LaunchEnv, detect_launch_env, init_distributed
@@ -252,10 +252,14 @@ def print_startup(config: Config, trainer: Trainer, ps: ParallelState) -> None:
 
 def print_memory(trainer: Trainer, ps: ParallelState, iteration: int) -> None:
     """Each rank's bytes of params, grads and optimizer state, measured from the tensors. Printed after the
-    first step, since the optimizer creates its state (Adam moments) then."""
+    first step, since the optimizer creates its state (Adam moments) then; beside them the bytes one micro-batch
+    saved for backward in that step (native engine), against the plan's prediction."""
     mem = trainer.engine.memory_bytes()
-    _print_in_rank_order(f" > rank {ps.rank} memory after iteration {iteration}: "
-                         + " | ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()), ps)
+    parts = [f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()]
+    measured = getattr(trainer.engine, "activation_bytes", None)
+    if measured:
+        parts.append(activation_check(trainer.config, ps.world_size, ps.pp_rank, trainer.device.type, measured))
+    _print_in_rank_order(f" > rank {ps.rank} memory after iteration {iteration}: " + " | ".join(parts), ps)
 
 
 def _print_in_rank_order(line: str, ps: ParallelState) -> None:

@@ -109,3 +109,34 @@ def test_activation_bytes_within_5_percent_of_saved_tensors():
         for name, (measured, predicted) in per_layout.items():
             assert abs(predicted - measured) <= 0.05 * measured, \
                 f"{name} rank {rank}: saved {measured} B, predicted {predicted} B"
+
+
+def _pretrain_output(config):
+    import contextlib
+    import io
+
+    from megagpt.training import pretrain
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain(config, log=True)
+    return out.getvalue()
+
+
+def test_trainer_prints_measured_activation_bytes_beside_the_plan():
+    """The trainer's memory line after iteration 1 carries the bytes the first micro-batch saved for backward on
+    each stage (saved-tensor hooks during the real step) and the plan's prediction; for a plain PP2 config they
+    agree within 5%, and the measurement is taken once (the engine keeps it, later steps run bare)."""
+    import re
+    config = config_for_test(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128,
+                             max_position_embeddings=128, vocab_size=500, hidden_dropout=0.0, attention_dropout=0.0,
+                             pipeline_model_parallel_size=2, micro_batch_size=4, global_batch_size=8, train_iters=2,
+                             eval_interval=0, eval_iters=0, log_interval=1, mock_data=True,
+                             tokenizer_type="ByteTokenizer", seed=1234)
+    text = "".join(run_distributed(_pretrain_output, 2, config))   # each rank prints its own line
+    found = re.findall(r"> rank (\d) memory after iteration 1: .*\| activations per micro-batch: "
+                       r"measured ([\d.]+) MiB, plan ([\d.]+) MiB", text)
+    assert sorted(int(r) for r, _, _ in found) == [0, 1], text[-2000:]
+    for rank, measured, plan in found:
+        measured, plan = float(measured), float(plan)
+        assert measured > 1.0 and abs(plan - measured) <= 0.05 * measured, (rank, measured, plan)
+    assert text.count("activations per micro-batch") == 2

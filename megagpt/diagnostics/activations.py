@@ -52,3 +52,19 @@ def saved_tensor_bytes(fn: Callable[..., Any], *args: Any, exclude: Iterable[tor
         report.total += nbytes
         report.by_dtype[str(dtype).replace("torch.", "")] += nbytes
     return result, report
+
+
+def measure_first_calls(fn: Callable[..., Any], store: dict[Any, int],
+                        exclude: Callable[[Any], Iterable[torch.Tensor]]) -> Callable[..., Any]:
+    """`fn(key, *args)`, except that the first call for each `key` not yet in `store` runs under saved-tensor hooks
+    and records its saved bytes (leaving out `exclude(key)`, the parameters) in store[key]; later calls run bare.
+
+    Why a wrapper: the trainer measures one real micro-batch per model chunk during its first step (no extra
+    forward pass), and every later step pays one dict lookup."""
+    def call(key: Any, *args: Any) -> Any:
+        if key in store:
+            return fn(key, *args)
+        result, saved = saved_tensor_bytes(fn, key, *args, exclude=list(exclude(key)))
+        store[key] = saved.total
+        return result
+    return call

@@ -14,6 +14,7 @@ from megagpt.checkpoint.async_save import AsyncCheckpointWriter
 from megagpt.checkpoint.sharded import LoadedCheckpoint, load_checkpoint, prepare_checkpoint, save_checkpoint
 from megagpt.config import Config
 from megagpt.data.documents import Documents, documents_of
+from megagpt.diagnostics.activations import measure_first_calls
 from megagpt.diagnostics.ledger import LEDGER
 from megagpt.engines.base import MicroBatch, token_mean
 from megagpt.optim.builder import TrainingOptimizer
@@ -31,10 +32,12 @@ def params_dtype(config: Config) -> torch.dtype:
 
 def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, batches: list[MicroBatch], count: int,
                  forward_only: bool, loss_scale: float = 1.0,
-                 on_instruction: Optional[Callable[[Instr], None]] = None, timers: Optional[Timers] = None) -> float:
+                 on_instruction: Optional[Callable[[Instr], None]] = None, timers: Optional[Timers] = None,
+                 saved_bytes: Optional[dict[int, int]] = None) -> float:
     """Run one round of micro-batches through this rank's pipeline schedule; returns the mean micro-batch loss
     (broadcast from the last stage, so every stage returns it). Backward scales each of the `count` losses by
-    loss_scale / count, so the grads are those of the mean."""
+    loss_scale / count, so the grads are those of the mean. With `saved_bytes`, each chunk's first micro-batch
+    forward records the bytes it saves for backward in saved_bytes[chunk] (the start-up check of the plan)."""
     device = next(chunks[0].parameters()).device
     documents = packed_documents(config, ps, batches, count, device)
 
@@ -50,7 +53,9 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
         loss = token_mean(out, loss_mask)            # token mean of this micro-batch
         return loss * (loss_scale / count), loss.detach()
 
-    losses = forward_backward(LEDGER.with_faults(forward_step), count, ps, activation_shape(config, ps),
+    step = forward_step if saved_bytes is None else \
+        measure_first_calls(forward_step, saved_bytes, lambda chunk: chunks[chunk].parameters())
+    losses = forward_backward(LEDGER.with_faults(step), count, ps, activation_shape(config, ps),
                               params_dtype(config), device,
                               num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,
                               schedule=config.parallel.pipeline_schedule, timers=timers)
@@ -94,14 +99,17 @@ class NativeEngine:
         device = next(chunks[0].parameters()).device
         self.writer = AsyncCheckpointWriter(ps, device) if config.train.async_save else None
         self.guard: Optional[Callable[[float, list], bool]] = None   # diagnostics.numerics.StepGuard, when on
+        self.activation_bytes: Optional[dict[int, int]] = None   # per chunk, one micro-batch: measured in step 1
 
     def train_step(self, batches: list[MicroBatch], num_microbatches: int,
                    global_batch_size: int) -> tuple[float, bool, Optional[float]]:
         self.optimizer.zero_grad(num_microbatches)
+        measure = {} if self.activation_bytes is None else None
         with self.timers("forward-backward", 1):
             loss = run_schedule(self.config, self.chunks, self.ps, batches, num_microbatches, forward_only=False,
                                 loss_scale=self.optimizer.loss_scale, on_instruction=self.optimizer.on_instruction,
-                                timers=self.timers)
+                                timers=self.timers, saved_bytes=measure)
+        self.activation_bytes = self.activation_bytes if measure is None else measure
         accept = (lambda named_grads: self.guard(loss, named_grads)) if self.guard is not None else None
         ok, grad_norm = self.optimizer.step(global_batch_size, accept)
         return loss, ok, grad_norm

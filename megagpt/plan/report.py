@@ -9,7 +9,7 @@ from typing import Optional
 
 from megagpt.config import Config, num_microbatches
 from megagpt.plan.cluster import GIB, Cluster
-from megagpt.plan.memory import all_stages, dims, layer_activation_terms
+from megagpt.plan.memory import all_stages, chunk_activation_bytes, dims, layer_activation_terms, rank_chunks
 from megagpt.plan.search import describe
 from megagpt.plan.step_time import step_time
 
@@ -21,6 +21,16 @@ def startup_report(config: Config, world_size: int, cluster: Optional[Cluster] =
     stages = all_stages(config, world_size, cluster)
     per_stage = " | ".join(f"stage {s.pp_rank} {s.gib:.2f} GiB ({s.in_flight} in flight)" for s in stages)
     return f" > plan: {describe(config, world_size)}: predicted peak memory per rank: {per_stage}"
+
+
+def activation_check(config: Config, world_size: int, pp_rank: int, device: str, measured: dict[int, int]) -> str:
+    """The trainer's check of the plan on a real micro-batch: the bytes saved for backward by each model chunk's
+    first micro-batch forward of iteration 1 (`measured`, by chunk), summed over this rank's chunks, beside the
+    plan's chunk_activation_bytes for the same chunks. A gap here means the memory plan misses a term."""
+    d = dims(config, world_size, device)
+    plan = sum(sum(chunk_activation_bytes(config, d, *chunk).values()) for chunk in rank_chunks(config, pp_rank))
+    return (f"activations per micro-batch: measured {sum(measured.values()) / MIB:.2f} MiB, "
+            f"plan {plan / MIB:.2f} MiB")
 
 
 def explain(config: Config, world_size: int, cluster: Optional[Cluster] = None) -> str:
