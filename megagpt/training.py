@@ -189,7 +189,7 @@ class Trainer:
         masked = config_tokenizer(self.config).eod if d.eod_mask_loss else None
         make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
             ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, d.num_workers,
-            cyclic=d.dataloader_type == "cyclic"), self.device, masked)
+            cyclic=d.dataloader_type == "cyclic", pin_memory=self.device.type == "cuda"), self.device, masked)
         # A run resumed at its last iteration has nothing left to train on.
         self.train_data = make(train, self.consumed_samples) if self.consumed_samples < len(train) else None
         self.valid_data = make(valid, self.consumed_valid_samples) if valid is not None else None
@@ -291,8 +291,9 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     trainer = Trainer(config, ps, device, launch)
     rng_state = trainer.load(config.train.load, config.train.ckpt_step) if config.train.load else None
     trainer.attach_data()
-    if rng_state is not None:   # None: a converted checkpoint, whose RNG streams belonged to another layout
-        set_rng_state(rng_state, trainer.tracker)
+    notice = set_rng_state(rng_state, trainer.tracker) if rng_state is not None else None   # None: a converted
+    if notice and ps.rank == 0 and log:                            # checkpoint, whose streams were another layout's
+        print(f" notice: {notice}", flush=True)
     if config.train.load and ps.rank == 0 and log:
         print(f" loaded checkpoint from {config.train.load} at iteration {trainer.start_iteration}", flush=True)
     if log:

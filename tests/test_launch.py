@@ -90,3 +90,18 @@ def test_mpiexec_launch_trains_like_a_single_process():
     assert single.returncode == 0, single.stderr[-2000:]
     assert len(_losses(mpi.stdout)) == 3
     assert _losses(mpi.stdout) == pytest.approx(_losses(single.stdout), rel=1e-5)
+
+
+def _init_on_a_gpu_host_with_a_gloo_group() -> str:
+    import torch
+    from megagpt.parallel import launch
+    torch.cuda.is_available = lambda: True      # a GPU host, as far as init_distributed can tell
+    torch.cuda.set_device = lambda *_: (_ for _ in ()).throw(AssertionError("set a CUDA device under gloo"))
+    _, device = launch.init_distributed()
+    return str(device)
+
+
+def test_an_existing_gloo_group_keeps_the_cpu_on_a_gpu_host():
+    """The test harness makes a gloo group before setup(): CUDA being present must not switch the run to it."""
+    from distributed import run_distributed
+    assert run_distributed(_init_on_a_gpu_host_with_a_gloo_group, 2) == ["cpu", "cpu"]

@@ -238,3 +238,28 @@ def test_cuda_tracker_swaps_cuda_generator_only():
     assert torch.equal(torch.get_rng_state(), cpu_before)
     outside = torch.rand(8, device="cuda")
     assert torch.equal(outside, torch.rand(8, device="cuda", generator=torch.Generator("cuda").manual_seed(5)))
+
+
+def test_checkpoint_rng_from_the_other_device_kind_reseeds_the_streams(monkeypatch):
+    """A CPU-written checkpoint resumed on a GPU (and the reverse): the generators' state formats differ, so the
+    device streams keep their fresh seeds with a notice instead of crashing in torch.cuda.set_rng_state; the host
+    generators are restored either way. The "GPU" run is a tracker that reports a CUDA device (torch.cuda unused)."""
+    from megagpt.checkpoint.sharded import get_rng_state, set_rng_state
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CPU-format state reached torch.cuda")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", forbidden)
+    cpu_state = get_rng_state(model_parallel_seed(1, tp_rank=0, pp_rank=0, device="cpu"))
+    expected_host = torch.rand(3)
+    gpu_tracker = RNGStatesTracker("cpu")
+    gpu_tracker.add("model-parallel-rng", 99)
+    fresh = gpu_tracker.get_states()
+    gpu_tracker.device = torch.device("cuda")
+    notice = set_rng_state(cpu_state, gpu_tracker)
+    assert notice is not None and "saved on cpu, this run is on cuda" in notice
+    assert all(torch.equal(fresh[k], v) for k, v in gpu_tracker.get_states().items())
+    assert torch.equal(torch.rand(3), expected_host)            # host generator restored from the checkpoint
+    gpu_state = {**cpu_state, "device_type": "cuda", "device": torch.zeros(16, dtype=torch.uint8)}
+    cpu_tracker = model_parallel_seed(2, tp_rank=0, pp_rank=0, device="cpu")
+    assert "saved on cuda, this run is on cpu" in set_rng_state(gpu_state, cpu_tracker)
+    assert set_rng_state(get_rng_state(cpu_tracker), cpu_tracker) is None    # same kind: restored, no notice

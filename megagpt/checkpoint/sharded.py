@@ -65,19 +65,28 @@ def get_rng_state(tracker: tp_random.RNGStatesTracker) -> dict:
     """Every generator this rank draws from: Python, NumPy, torch CPU, the device's, and the TP tracker streams."""
     device = tracker.device
     return {"random": random.getstate(), "np_random": np.random.get_state(),
-            "torch_cpu": torch.get_rng_state(),
+            "torch_cpu": torch.get_rng_state(), "device_type": device.type,
             "device": tp_random.get_rng_state(device).cpu() if device.type != "cpu" else None,
             "tracker": _to_cpu(tracker.get_states())}
 
 
-def set_rng_state(state: dict, tracker: tp_random.RNGStatesTracker) -> None:
-    """Restore `get_rng_state`'s output. Call it after anything that draws at start-up (e.g. DataLoader iterators)."""
+def set_rng_state(state: dict, tracker: tp_random.RNGStatesTracker) -> Optional[str]:
+    """Restore `get_rng_state`'s output. Call it after anything that draws at start-up (e.g. DataLoader iterators).
+
+    CPU and CUDA generators keep different state formats, so a checkpoint written on the other kind of device
+    restores the host generators only and keeps this run's freshly seeded device streams: returns that notice
+    (None when everything was restored)."""
     random.setstate(state["random"])
     np.random.set_state(state["np_random"])
     torch.set_rng_state(state["torch_cpu"])
+    saved = state.get("device_type", "cpu" if state["device"] is None else "cuda")   # older checkpoints: inferred
+    if saved != tracker.device.type:
+        return (f"the checkpoint's device RNG streams were saved on {saved}, this run is on {tracker.device.type}: "
+                f"dropout streams are re-seeded (host generators restored)")
     if state["device"] is not None:
         tp_random.set_rng_state(state["device"], tracker.device)
     tracker.set_states({k: v.to(torch.uint8) for k, v in state["tracker"].items()})
+    return None
 
 
 def _local_tensor_info(chunks: list[nn.Module], ps: ParallelState) -> dict:

@@ -121,9 +121,11 @@ def build_data_loader(
     num_workers: int = 0,
     drop_last: bool = True,
     cyclic: bool = False,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """DataLoader over this DP rank's micro-batches, resuming after ``consumed_samples`` samples (``cyclic``:
-    Megatron's shuffled, endless --dataloader-type cyclic)."""
+    Megatron's shuffled, endless --dataloader-type cyclic). ``pin_memory`` (for a CUDA device) makes the
+    trainer's ``non_blocking`` host-to-device copies really asynchronous."""
     if cyclic:
         sampler = CyclicSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     else:
@@ -134,4 +136,5 @@ def build_data_loader(
         num_workers=num_workers,
         collate_fn=_collate_text,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

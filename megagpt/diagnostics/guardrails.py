@@ -125,7 +125,7 @@ class Guardrails:
         rng_state = trainer.load(directory, target)
         trainer.attach_data()
         if rng_state is not None:
-            set_rng_state(rng_state, trainer.tracker)
+            set_rng_state(rng_state, trainer.tracker)   # the run's own checkpoint: same device kind
         self.guard.forget_after(target)
         gbs = trainer.global_batch_size
         self._say(f" megagpt guardrail: rolled back to the checkpoint of iteration {target} in {directory}; "

@@ -78,11 +78,16 @@ def _mpi_master_addr(launch: LaunchEnv) -> str:
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800) -> tuple[LaunchEnv, torch.device]:
-    """Initialise torch.distributed from the launcher's environment; returns (launch env, this rank's device)."""
+    """Initialise torch.distributed from the launcher's environment; returns (launch env, this rank's device).
+
+    The device follows the backend: CUDA under NCCL (or when CUDA is present and none is asked for), the CPU under
+    gloo, including a gloo group that already exists (so the CPU test suite runs unchanged on a GPU host)."""
     launch = detect_launch_env()
     if launch.launcher == "mpi":
         launch = LaunchEnv(launch.rank, launch.world_size, launch.local_rank, _mpi_master_addr(launch),
                            launch.master_port, launch.launcher)
+    if dist.is_initialized():      # a group made by the caller (a test harness, a notebook): its backend rules
+        backend = dist.get_backend()
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     if use_cuda:
