@@ -7,10 +7,12 @@
    and RoPE (Llama-style, GQA), in every attention backend and under selective and full recompute. Without the
    flags the packed losses differ, so the check can fail.
 3. The contract: TP2, TP2+SP (also Llama-style), PP2 and PP2 zb-v (whose second rank reads no data) train with the
-   flags exactly like one rank; the flags change the losses of that run.
+   flags exactly like one rank, and so does the DeepSpeed engine; the flags change the losses of that run.
+4. The CUDA softmax kernel (host emulator) takes the document mask's layout.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 from distributed import run_distributed
 from model_utils import tiny_model_config
 from test_model import LLAMA, _model
+from test_softmax import emu, emu_forward, tolerances  # noqa: F401 (emu: the host kernel emulator fixture)
 from test_training import _config, _train, compare_to_reference
 from megagpt.data.documents import split_documents
 from megagpt.model.transformer import document_mask
@@ -161,7 +164,11 @@ def short_documents(tmp_path_factory) -> str:
 
 
 def _documents_config(prefix: str, flags: bool = True, **layout):
-    config = _config(**layout)
+    return _with_documents(_config(**layout), prefix, flags)
+
+
+def _with_documents(config, prefix: str, flags: bool = True):
+    """test_training's config trained on the short documents, with or without both flags."""
     d = config.data
     d.mock_data, d.data_path, d.split, d.data_cache_path = False, [prefix], "1,0,0", prefix + "_cache"
     d.reset_position_ids = d.reset_attention_mask = flags
@@ -202,3 +209,28 @@ def test_the_flags_change_training(references):
 def test_layouts_with_the_flags_match_one_rank(layout, references, short_documents):
     config = _documents_config(short_documents, **LAYOUTS[layout])
     compare_to_reference(run_distributed(_train_unpadded, 2, config), references["llama" if "llama" in layout else "gpt2"])
+
+
+@pytest.mark.slow   # DeepSpeed JIT-builds an op on first use (~80 s on a fresh checkout; cached after)
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (optional)")
+def test_deepspeed_with_the_flags_matches_one_rank(references, short_documents, tmp_path):
+    """The DeepSpeed engine (PP 1: every rank reads its tokens) passes the same layout to the model."""
+    from test_deepspeed import ZERO, _ds_config, _write_ds_json
+
+    config = _with_documents(_ds_config(_write_ds_json(tmp_path, ZERO["zero1"])), short_documents)
+    compare_to_reference(run_distributed(_train_unpadded, 1, config), references["gpt2"])
+
+
+def test_the_fused_kernel_takes_the_document_mask(emu):
+    """The CUDA kernel (run by tests/test_softmax.py's host emulator) reads document_mask's `[b, 1, s, s]` (head
+    stride 0) on top of its own causal mask: the probabilities of the PyTorch path."""
+    from megagpt.model.softmax import FusedScaleMaskSoftmax
+
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 6, (2, 64), generator=g)                             # eod 0: ~11 documents a row
+    mask = document_mask(split_documents(tokens, 0, False, True).document_ids, flash=False)   # [2, 1, 64, 64]
+    scores = (torch.randn(2, 3, 64, 64, generator=g) * 3).half()                 # [b, np, s, s]
+    rc, probs = emu_forward(emu, scores, mask, 0.37, True)
+    expected = FusedScaleMaskSoftmax("causal", 0.37, masked_softmax_fusion=False)(scores.float(), mask)
+    assert rc == 0
+    torch.testing.assert_close(probs.float(), expected, rtol=tolerances(torch.float16)[0], atol=1e-6)
