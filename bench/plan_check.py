@@ -63,18 +63,23 @@ def measure(layout) -> float:
 def main() -> None:
     print(load_average())
     cluster = measure_cpu_cluster(2)
-    print(f"cpu-here: {cluster.gpu_peak_tflops * 1e3:.1f} GFLOP/s per rank, memory {cluster.memory_gbps:.1f} GB/s, "
-          f"gloo {cluster.intra_node_gbps:.2f} GB/s, latency {cluster.latency_us:.0f} us")
-    rows = []
+    print(f"cpu-here: GEMM {cluster.gpu_peak_tflops * 1e3:.1f} GFLOP/s per rank, attention core "
+          f"{cluster.attention_tflops * 1e3:.1f} GFLOP/s, elementwise {cluster.elementwise_gbps:.1f} GB/s, memory "
+          f"{cluster.memory_gbps:.1f} GB/s, gloo {cluster.intra_node_gbps:.2f} GB/s, latency {cluster.latency_us:.0f} us")
+    rows, terms = [], {}
     for name, layout in LAYOUTS.items():
         config = _config(**layout)
         config.model.vocab_size = 2048
         predicted = step_time(config, 2, cluster)
+        terms[name] = predicted.terms
         measured = measure(layout)
         rows.append([name, f"{predicted.total * 1e3:.1f}", f"{measured * 1e3:.1f}",
                      f"{(predicted.total - measured) / measured * 100:+.0f}%"])
     print_table(["layout", "predicted ms", "measured ms", "error"], rows,
                 title="step time, 4 layers h=256 s=128, micro-batch 4, global batch 16, 2 ranks x 1 thread")
+    names = [k for k in next(iter(terms.values())) if any(t.get(k) for t in terms.values())]
+    print_table(["predicted term (ms)"] + list(terms), [[k] + [f"{t.get(k, 0.0) * 1e3:.1f}" for t in terms.values()]
+                                                        for k in names])
 
 
 if __name__ == "__main__":

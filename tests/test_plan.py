@@ -171,3 +171,30 @@ def test_dry_run_plans_8_3b_without_allocating():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TP 8 x PP 2 x DP 4" in proc.stdout, proc.stdout[:500]
     assert "predicted peak memory per rank: stage 0" in proc.stdout and "stage 1" in proc.stdout
+
+
+def test_cpu_terms_follow_their_cluster_fields():
+    """Each CPU-measured field drives its own term only: a per-call latency adds latency x calls to the TP term
+    (4 all-reduces per layer per micro-batch, 1 for the embedding, 2 for the LM head and loss: counted here by hand),
+    the attention and elementwise rates scale their terms inversely, and unset they fall back to the GEMM rate and
+    the memory bandwidth (so the GPU presets' numbers are unchanged)."""
+    config = parse_args(["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length",
+                         "128", "--max-position-embeddings", "128", "--vocab-size", "2048", "--micro-batch-size", "4",
+                         "--global-batch-size", "16", "--tensor-model-parallel-size", "2"])
+    base = clusters.Cluster(num_gpus=2, gpus_per_node=2, gpu_memory_gib=8, gpu_peak_tflops=0.1, intra_node_gbps=1.0,
+                            inter_node_gbps=1.0, achievable_mfu=1.0, memory_gbps=20.0, latency_us=100.0, device="cpu")
+    t0 = step_time(config, 2, base)
+    explicit = step_time(config, 2, dataclasses.replace(base, elementwise_gbps=20.0, attention_tflops=0.1))
+    assert explicit.terms == pytest.approx(t0.terms, rel=1e-12)
+    slow = step_time(config, 2, dataclasses.replace(base, latency_us=1100.0, elementwise_gbps=5.0,
+                                                    attention_tflops=0.025))
+    calls = 4 * (4 * 4 + 1 + 2)                  # 4 micro-batches per step
+    assert slow.terms["TP collectives"] - t0.terms["TP collectives"] == pytest.approx(calls * 1e-3, rel=1e-9)
+    assert slow.terms["attention core"] == pytest.approx(4 * t0.terms["attention core"], rel=1e-9)
+    assert slow.terms["elementwise ops"] == pytest.approx(4 * t0.terms["elementwise ops"], rel=1e-9)
+    assert slow.terms["GEMM compute"] == t0.terms["GEMM compute"]
+    # attention core FLOPs: 4 s^2 h per layer forward, x3 with backward, over TP, 4 layers, 4 micro-batches
+    assert t0.terms["attention core"] == pytest.approx(4 * 4 * 3 * 4 * 128 ** 2 * 256 * 4 / 2 / 0.1e12, rel=1e-9)
+    text, status = run(["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--cluster",
+                        "h100-80gb", "--latency-us", "0", "--explain"])
+    assert status == 2 and "--latency-us must be > 0" in text

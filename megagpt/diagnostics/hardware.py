@@ -1,4 +1,5 @@
-"""Measure this machine for the planner's `--cluster cpu-here`: matmul rate, memory bandwidth, gloo bandwidth.
+"""Measure this machine for the planner's `--cluster cpu-here`: GEMM, attention and elementwise rates, memory
+bandwidth, gloo latency and bandwidth.
 
 Why measured and not looked up: a CPU's FLOP/s depends on its vector units, threads and neighbours, and gloo's
 loopback bandwidth on the kernel, so the only honest numbers are this machine's own. Kept out of megagpt/plan (pure
@@ -7,6 +8,7 @@ arithmetic): this module runs torch and a 2-process gloo group.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from datetime import timedelta
 from typing import Sequence
@@ -55,29 +57,105 @@ def memory_bandwidth(numel: int = 8 * 2 ** 20, reps: int = 5) -> float:
     return best
 
 
+def layer_gemm_rate(hidden_sizes: Sequence[int] = (256, 512, 1024), tokens: int = 512, reps: int = 5) -> float:
+    """fp32 FLOP/s of one GPT layer's GEMMs as the trainer runs them: forward x W^T, input grad g W and weight grad
+    g^T x of QKV (3h), projection (h), fc1 (4h) and fc2 (from 4h), on `tokens` rows. Best of `reps` per hidden
+    size, median over the sizes.
+
+    Why not square matrices: the trainer's GEMMs are rectangular with a transposed operand in two of the three;
+    their rate, not the square ceiling, is what a step pays."""
+    rates = []
+    for h in hidden_sizes:
+        gen = torch.Generator().manual_seed(h)
+        weights = [torch.randn(out, inp, generator=gen) for out, inp in ((3 * h, h), (h, h), (4 * h, h), (h, 4 * h))]
+        xs = [torch.randn(tokens, w.shape[1], generator=gen) for w in weights]     # [T, in]
+        gs = [torch.randn(tokens, w.shape[0], generator=gen) for w in weights]     # [T, out]
+
+        def layer() -> None:
+            for w, x, g in zip(weights, xs, gs):
+                torch.mm(x, w.t())      # forward    [T, out]
+                torch.mm(g, w)          # input grad [T, in]
+                torch.mm(g.t(), x)      # weight grad [out, in]
+        layer()
+        flops = sum(3 * 2.0 * tokens * w.numel() for w in weights)
+        rates.append(flops / min(_timed(layer) for _ in range(reps)))
+    return statistics.median(rates)
+
+
+def attention_rate(shapes: Sequence[tuple[int, int, int, int]] = ((4, 8, 128, 32), (2, 8, 256, 64)),
+                   reps: int = 5) -> float:
+    """FLOP/s of causal scaled_dot_product_attention forward + backward (the flash backend's core) on [b, a, s, d]
+    shapes, counted as the planner counts the core (4 s^2 h per layer forward, x3 with backward, causal half not
+    discounted). Mean over the shapes of the best of `reps`."""
+    rates = []
+    for b, a, s, d in shapes:
+        gen = torch.Generator().manual_seed(s)
+        q, k, v = (torch.randn(b, a, s, d, generator=gen).requires_grad_() for _ in range(3))  # [b, a, s, d]
+
+        def core() -> None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)   # [b, a, s, d]
+            out.backward(torch.ones_like(out))
+        core()
+        rates.append(3 * 4.0 * b * s * s * a * d / min(_timed(core) for _ in range(reps)))
+    return sum(rates) / len(rates)
+
+
+def elementwise_bandwidth(tokens: int = 512, hidden: int = 256, reps: int = 5) -> float:
+    """Bytes/s the layer's elementwise kernels reach: LayerNorm on [T, h], GELU on [T, 4h] and a residual add,
+    forward and backward, over the bytes they read and write (forward: inputs and output; backward: output grad,
+    saved input and input grad; the add's backward moves nothing).
+
+    Why not a plain add: GELU's erf and LayerNorm's reductions are compute-bound on a CPU core, so they run far
+    below memory bandwidth, and they, not the copy rate, are what the elementwise part of a step pays."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=gen).requires_grad_()          # [T, h]
+    u = torch.randn(tokens, 4 * hidden, generator=gen).requires_grad_()      # [T, 4h]
+    norm = torch.nn.LayerNorm(hidden)
+
+    def ops() -> None:
+        y = norm(x) + x                                                      # [T, h]
+        z = torch.nn.functional.gelu(u)                                      # [T, 4h]
+        torch.autograd.backward([y, z], [torch.ones_like(y), torch.ones_like(z)])
+    ops()
+    th, tf = tokens * hidden * 4, tokens * 4 * hidden * 4
+    nbytes = (2 * th + 3 * th) + (2 * tf + 3 * tf) + 3 * th   # LayerNorm, GELU (fwd + bwd), residual add (fwd)
+    return nbytes / min(_timed(ops) for _ in range(reps))
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _gloo_worker(rank: int, port: int, nbytes: int, reps: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     try:
-        big, small = torch.ones(nbytes // 4), torch.ones(1)
-        times, lat = [], []
-        for i in range(reps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(big)
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            dist.all_reduce(small)
-            lat.append(time.perf_counter() - t0)
+        big, small = torch.ones(nbytes // 4), torch.ones(1024)
+        a = torch.randn(384, 384)
+        times: dict[str, list[float]] = {"big": [], "small": []}
+        for i in range(4 * reps + 1):
+            for name, tensor in (("small", small),) * 3 + (("big", big),) * (i % 4 == 0):
+                torch.mm(a, a)          # ~1 ms of work between calls, as the trainer's layers do
+                t0 = time.perf_counter()
+                dist.all_reduce(tensor)
+                if i:
+                    times[name].append(time.perf_counter() - t0)
         if rank == 0:
-            queue.put((min(times[1:]), min(lat[1:])))
+            queue.put((statistics.median(times["big"]), statistics.median(times["small"])))
     finally:
         dist.destroy_process_group()
 
 
-def gloo_bandwidth(nbytes: int = 16 * 2 ** 20, reps: int = 5) -> tuple[float, float]:
-    """(bus bandwidth in bytes/s, latency in s) of a 2-process gloo all-reduce on loopback (busbw = B / t for n=2)."""
+def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 8) -> tuple[float, float]:
+    """(bus bandwidth in bytes/s, latency in s) of a 2-process gloo all-reduce on loopback (busbw = B / t for n=2).
+
+    Latency is the median time of a 4 KiB all-reduce issued between bursts of compute, as the trainer issues its
+    TP all-reduces and p2p sends: each call pays waking the peer's gloo threads, which on a virtual machine costs
+    far more than a back-to-back ping-pong (best-of after a barrier measured 0.2 ms here, the median in this
+    pattern and in a TP step 1.5-2 ms). Bandwidth is the median large all-reduce less that latency."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -87,15 +165,19 @@ def gloo_bandwidth(nbytes: int = 16 * 2 ** 20, reps: int = 5) -> tuple[float, fl
     seconds, latency = queue.get(timeout=300)
     for p in procs:
         p.join(30)
-    return nbytes / seconds, latency
+    return nbytes / max(seconds - latency, 1e-6), latency
 
 
 def measure_cpu_cluster(num_gpus: int = 2, threads_per_rank: int = 1) -> Cluster:
-    """This machine as a cluster of `num_gpus` CPU ranks of `threads_per_rank` threads each (one node)."""
+    """This machine as a cluster of `num_gpus` CPU ranks of `threads_per_rank` threads each (one node): the GEMM
+    rate at a layer's shapes, the attention core's rate, the elementwise kernels' and the copy bandwidth, and
+    gloo's per-call latency and bandwidth."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads_per_rank)
     try:
-        flops, _, _ = matmul_rate((512, 1024))
+        flops = layer_gemm_rate()
+        attention = attention_rate()
+        elementwise = elementwise_bandwidth()
         mem_bw = memory_bandwidth()
     finally:
         torch.set_num_threads(previous)
@@ -104,4 +186,5 @@ def measure_cpu_cluster(num_gpus: int = 2, threads_per_rank: int = 1) -> Cluster
     return Cluster(num_gpus=num_gpus, gpus_per_node=num_gpus, gpu_memory_gib=ram / num_gpus,
                    gpu_peak_tflops=flops / 1e12, intra_node_gbps=busbw / 1e9, inter_node_gbps=busbw / 1e9,
                    achievable_mfu=1.0, memory_gbps=mem_bw / 1e9, latency_us=latency * 1e6, device="cpu",
+                   elementwise_gbps=elementwise / 1e9, attention_tflops=attention / 1e12,
                    runtime_gib=0.0, fragmentation=0.0, name="cpu-here")

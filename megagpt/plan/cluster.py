@@ -30,6 +30,10 @@ class Cluster:
     achievable_mfu: float           # fraction of peak the model's GEMMs reach (bubbles and exposed comm excluded)
     memory_gbps: float = 2000.0     # device memory bandwidth, GB/s: the optimizer step and elementwise ops
     latency_us: float = 20.0        # per collective or p2p message: launch and synchronisation
+    elementwise_gbps: Optional[float] = None   # rate of LayerNorm/GELU/softmax/dropout/add kernels over the bytes they
+    #                                            move, GB/s; None: memory_gbps (bandwidth-bound on GPUs)
+    attention_tflops: Optional[float] = None   # flash attention core (FLOPs counted as 4 s^2 h per layer forward);
+    #                                            None: the GEMM rate, gpu_peak_tflops x achievable_mfu
     device: str = "cuda"            # "cuda" or "cpu": decides dropout-mask and LayerNorm-statistic dtypes
     runtime_gib: float = 1.0        # memory outside PyTorch's allocator: CUDA context, cuBLAS workspace, NCCL buffers
     fragmentation: float = 0.10     # allowance for the caching allocator's fragmentation, fraction of the total
@@ -54,6 +58,12 @@ PRESETS: dict[str, Cluster] = {
     "a100-40gb": Cluster(num_gpus=8, gpus_per_node=8, gpu_memory_gib=40, gpu_peak_tflops=312, intra_node_gbps=230,
                          inter_node_gbps=20, achievable_mfu=0.5, memory_gbps=1555, name="a100-40gb"),
 }
+# Latency: nccl-tests small-message all-reduce on one NVLink node is ~10-30 us (latency_us default 20). Elementwise
+# kernels and flash attention keep their defaults on GPUs: NVIDIA's Deep Learning Performance guide ("Memory-Limited
+# Layers") classes normalisation, activation and elementwise ops as bandwidth-bound, so they run at HBM bandwidth, and
+# FlashAttention-2 reaches 50-73% of A100 peak (Dao 2023), FlashAttention-3 ~75% of H100's (Shah et al. 2024): no
+# slower than the 0.5 MFU of the GEMMs. On CPUs neither holds (GELU's erf is compute-bound; the attention kernel
+# runs at about half the GEMM rate), so cpu-here measures both.
 MEASURED = "cpu-here"
 
 # flag -> Cluster field; flags override the preset's numbers
@@ -66,7 +76,11 @@ FLAGS = {
     "--inter-node-gbps": ("inter_node_gbps", float, "achievable bus bandwidth across nodes, GB/s per GPU"),
     "--achievable-mfu": ("achievable_mfu", float, "fraction of peak the GEMMs reach (0-1)"),
     "--memory-gbps": ("memory_gbps", float, "device memory bandwidth, GB/s"),
+    "--latency-us": ("latency_us", float, "time per collective call or p2p message, microseconds"),
+    "--elementwise-gbps": ("elementwise_gbps", float, "rate of elementwise kernels, GB/s (default: --memory-gbps)"),
+    "--attention-tflops": ("attention_tflops", float, "rate of the attention core, TFLOP/s (default: the GEMM rate)"),
 }
+OPTIONAL = ("--memory-gbps", "--latency-us", "--elementwise-gbps", "--attention-tflops")   # defaults exist
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +96,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
 def cluster_problems(c: Cluster) -> list[str]:
     """What makes a cluster description unusable, one sentence each."""
     problems = [f"{flag} must be > 0, got {getattr(c, dest)}" for flag, (dest, _, _) in FLAGS.items()
-                if not getattr(c, dest) > 0]
+                if getattr(c, dest) is not None and not getattr(c, dest) > 0]
     if not problems and c.achievable_mfu > 1:
         problems.append(f"--achievable-mfu is a fraction of peak and must be <= 1, got {c.achievable_mfu}")
     if not problems and c.num_gpus > c.gpus_per_node and c.num_gpus % c.gpus_per_node:
@@ -100,7 +114,7 @@ def cluster_from_args(ns: argparse.Namespace, measured: Optional[Cluster] = None
     given = {dest: getattr(ns, f"cluster.{dest}") for dest, _, _ in FLAGS.values()
              if getattr(ns, f"cluster.{dest}", None) is not None}
     if base is None:
-        missing = [flag for flag, (dest, _, _) in FLAGS.items() if dest not in given and flag != "--memory-gbps"]
+        missing = [flag for flag, (dest, _, _) in FLAGS.items() if dest not in given and flag not in OPTIONAL]
         if missing:
             raise ValueError(f"no cluster described: pass --cluster ({', '.join(sorted(PRESETS) + [MEASURED])}) or "
                              f"all of {', '.join(missing)}")

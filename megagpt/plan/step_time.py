@@ -58,36 +58,44 @@ def ring_time(nbytes: float, n: int, bandwidth: float, cluster: Cluster, all_red
     return steps / n * nbytes / bandwidth + cluster.latency_us * 1e-6
 
 
-def chunk_forward_flops(config: Config, d: Dims, layers: int, last: bool) -> tuple[float, float]:
-    """(GEMM FLOPs of one micro-batch's forward through a chunk on all TP ranks, recompute's extra forward): the
-    log line's per-token formula (SwiGLU and grouped-query attention included) times s b tokens."""
+def chunk_forward_flops(config: Config, d: Dims, layers: int, last: bool) -> tuple[float, float, float, float]:
+    """FLOPs of one micro-batch's forward through a chunk on all TP ranks: (GEMMs, attention core, recompute's extra
+    GEMMs, recompute's extra core), from the log line's per-token formula (SwiGLU and grouped-query attention
+    included) times s b tokens. The core is apart because its kernel runs at its own rate."""
     s, b, h = d.s, d.b, d.h
     gemms, core = layer_forward_flops_per_token(config.model)
-    attention_core = s * b * core
-    layer = s * b * gemms + attention_core
-    extra = {"full": layer, "selective": attention_core}.get(config.model.recompute_granularity, 0.0)
-    return layers * layer + (2.0 * s * b * h * d.V if last else 0.0), layers * extra
+    layer_gemms, layer_core = s * b * gemms, s * b * core
+    granularity = config.model.recompute_granularity
+    extra_gemms = layer_gemms if granularity == "full" else 0.0
+    extra_core = layer_core if granularity in ("full", "selective") else 0.0
+    return (layers * layer_gemms + (2.0 * s * b * h * d.V if last else 0.0), layers * layer_core,
+            layers * extra_gemms, layers * extra_core)
 
 
 def stage_microbatch_time(config: Config, d: Dims, pp_rank: int, cluster: Cluster) -> dict[str, float]:
     """Seconds one micro-batch spends on one rank of stage `pp_rank` (forward + backward, all its chunks)."""
     rate = cluster.gpu_peak_tflops * 1e12 * cluster.achievable_mfu
+    core_rate = cluster.attention_tflops * 1e12 if cluster.attention_tflops else rate
+    if config.model.attention_core != "flash":
+        core_rate = rate          # bmm at the GEMM rate; the softmax is in the elementwise traffic
+    elementwise_bw = (cluster.elementwise_gbps or cluster.memory_gbps) * 1e9
     tp_bw = _link(d.t, cluster)
-    compute = elementwise = tp = 0.0
+    compute = attention = elementwise = tp = 0.0
     no_recompute = copy.deepcopy(config)
     no_recompute.model.recompute_granularity = None
     for layers, first, last in rank_chunks(config, pp_rank):
-        fwd, extra = chunk_forward_flops(config, d, layers, last)
-        compute += (3.0 * fwd + extra) / d.t / rate
+        gemms, core, extra_gemms, extra_core = chunk_forward_flops(config, d, layers, last)
+        compute += (3.0 * gemms + extra_gemms) / d.t / rate
+        attention += (3.0 * core + extra_core) / d.t / core_rate
         # Traffic follows the activations created, not those kept: recompute creates the recomputed ones twice.
         created = sum(chunk_activation_bytes(no_recompute, d, layers, first, last).values())
         kept = sum(chunk_activation_bytes(config, d, layers, first, last).values())
-        elementwise += (ELEMENTWISE_PASSES * created + (created - kept)) / (cluster.memory_gbps * 1e9)
+        elementwise += (ELEMENTWISE_PASSES * created + (created - kept)) / elementwise_bw
         nbytes = d.e * d.sbh
         per_layer = 4 + (2 if config.model.recompute_granularity == "full" else 0)   # all-reduce equivalents
         collectives = layers * per_layer + (1 if first else 0) + (2 if last else 0)
         tp += collectives * ring_time(nbytes, d.t, tp_bw, cluster, all_reduce=True)
-    return {"compute": compute, "elementwise": elementwise, "tp": tp}
+    return {"compute": compute, "attention": attention, "elementwise": elementwise, "tp": tp}
 
 
 def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
@@ -104,9 +112,10 @@ def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
     slowest = max(range(d.pp), key=lambda r: per_mb[r])
     fill = (sum(per_mb) - per_mb[slowest]) / v
     out = StepTime()
-    for name in ("compute", "elementwise", "tp"):
-        out.terms[{"compute": "GEMM compute", "elementwise": "elementwise ops", "tp": "TP collectives"}[name]] = \
-            m * stages[slowest][name]
+    names = {"compute": "GEMM compute", "attention": "attention core", "elementwise": "elementwise ops",
+             "tp": "TP collectives"}
+    for name, label in names.items():
+        out.terms[label] = m * stages[slowest][name]
     out.terms["pipeline bubble"] = fill
     out.terms["pipeline p2p"] = (m + d.pp - 1) * p2p
     # DP on the slowest stage's buffer (the others finish no later)
