@@ -175,7 +175,8 @@ def test_dry_run_plans_8_3b_without_allocating():
 
 def test_cpu_terms_follow_their_cluster_fields():
     """Each CPU-measured field drives its own term only: a per-call latency adds latency x calls to the TP term
-    (4 all-reduces per layer per micro-batch, 1 for the embedding, 2 for the LM head and loss: counted here by hand),
+    (4 all-reduces per layer per micro-batch, 1 for the embedding, 1 for the LM head, 2 in cross-entropy: counted
+    here by hand, as the model code makes them) and to the per-step grad-norm all-reduce,
     the attention and elementwise rates scale their terms inversely, and unset they fall back to the GEMM rate and
     the memory bandwidth (so the GPU presets' numbers are unchanged)."""
     config = parse_args(["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length",
@@ -188,8 +189,9 @@ def test_cpu_terms_follow_their_cluster_fields():
     assert explicit.terms == pytest.approx(t0.terms, rel=1e-12)
     slow = step_time(config, 2, dataclasses.replace(base, latency_us=1100.0, elementwise_gbps=5.0,
                                                     attention_tflops=0.025))
-    calls = 4 * (4 * 4 + 1 + 2)                  # 4 micro-batches per step
+    calls = 4 * (4 * 4 + 1 + 1 + 2)              # 4 micro-batches per step
     assert slow.terms["TP collectives"] - t0.terms["TP collectives"] == pytest.approx(calls * 1e-3, rel=1e-9)
+    assert slow.terms["grad-norm and loss collectives"] == pytest.approx(1.1e-3, rel=1e-9)   # over TP only
     assert slow.terms["attention core"] == pytest.approx(4 * t0.terms["attention core"], rel=1e-9)
     assert slow.terms["elementwise ops"] == pytest.approx(4 * t0.terms["elementwise ops"], rel=1e-9)
     assert slow.terms["GEMM compute"] == t0.terms["GEMM compute"]

@@ -3,17 +3,22 @@ pipeline bubble and p2p, DP/ZeRO collectives with the overlap the trainer really
 
 Why each term (the trainer's behaviour they mirror):
 - compute: model FLOPs (train_log.model_flops_per_iteration's terms) per micro-batch and stage, / TP, plus the
-  recompute's extra forward (full: the layers; selective: the attention core), at peak x achievable MFU;
-- elementwise: LayerNorm, GELU, softmax, dropout and adds are bandwidth-bound: ~4 passes over the saved
-  activations (written in forward, read in backward, their grads written and read) at device memory bandwidth;
+  recompute's extra forward (full: the layers; selective: the attention core), at peak x achievable MFU; the
+  flash attention core at its own kernel's rate (on a CPU core about half the GEMM rate);
+- elementwise: LayerNorm, GELU, softmax, dropout and adds: ~4 passes over the saved activations (written in
+  forward, read in backward, their grads written and read) at the elementwise kernels' rate (bandwidth-bound on
+  GPUs; on a CPU GELU's erf and the norms' reductions are compute-bound, well below memory bandwidth);
 - TP: 2 all-reduces of s b h per layer forward and 2 backward (DESIGN.md), or under SP 2 all-gathers and 2
-  reduce-scatters each way (same bytes); full recompute repeats the forward ones. Synchronous: never hidden;
+  reduce-scatters each way (same bytes); full recompute repeats the forward ones; the embedding's and the LM head's,
+  and cross-entropy's two small ones. Synchronous: never hidden; each call pays the latency (on gloo, waking the
+  peer: it dominates TP's small messages);
 - pipeline: 1F1B takes m x (slowest stage) + the fill and drain of the others, interleaving divides the fill by
   v; p2p sends are blocking batches (executor.py), so each micro-batch pays them on the critical path;
 - DP: DDP all-reduces the fp32 grad buffer, ZeRO reduce-scatters it and all-gathers the updated params (model
   dtype). With --overlap-grad-reduce the buckets start during the last micro-batch's backward, so only what
   exceeds that backward is exposed; the ZeRO all-gather after the step is always exposed;
-- optimizer: fused AdamW plus norm and clip touch ~44 bytes per owned element at memory bandwidth.
+- optimizer: fused AdamW plus norm and clip touch ~44 bytes per owned element at memory bandwidth; the grad
+  norm and the loss's small collectives pay one latency each.
 Links: ranks are placed TP fastest, then DP, then PP (DESIGN.md), nodes hold consecutive ranks, so a group is
 inside one node when its span of ranks fits in gpus_per_node; otherwise it runs at the inter-node bandwidth.
 """
@@ -93,8 +98,10 @@ def stage_microbatch_time(config: Config, d: Dims, pp_rank: int, cluster: Cluste
         elementwise += (ELEMENTWISE_PASSES * created + (created - kept)) / elementwise_bw
         nbytes = d.e * d.sbh
         per_layer = 4 + (2 if config.model.recompute_granularity == "full" else 0)   # all-reduce equivalents
-        collectives = layers * per_layer + (1 if first else 0) + (2 if last else 0)
+        collectives = layers * per_layer + (1 if first else 0) + (1 if last else 0)
         tp += collectives * ring_time(nbytes, d.t, tp_bw, cluster, all_reduce=True)
+        if last:   # vocab-parallel cross-entropy: each token's max, then its (sum of exps, target logit), fp32
+            tp += sum(ring_time(n * 4.0 * d.s * d.b, d.t, tp_bw, cluster, all_reduce=True) for n in (1, 2))
     return {"compute": compute, "attention": attention, "elementwise": elementwise, "tp": tp}
 
 
@@ -134,6 +141,10 @@ def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
     if d.pp > 1:
         out.terms["tied-embedding all-reduce"] = ring_time(4.0 * d.V // d.t * d.h, 2, _link(world_size, cluster),
                                                            cluster, all_reduce=True)
+    # One small all-reduce each, latency-bound: the grad norm over TP x PP (and DP under ZeRO), the loss broadcast
+    # from the last stage, the loss mean over DP.
+    calls = int(d.t * d.pp > 1) + int(bool(zero) and d.dp > 1) + int(d.pp > 1) + int(d.dp > 1)
+    out.terms["grad-norm and loss collectives"] = calls * cluster.latency_us * 1e-6
     owned = numel / d.dp if zero else numel
     out.terms["optimizer step"] = owned * OPTIMIZER_BYTES_PER_ELEMENT / (cluster.memory_gbps * 1e9)
     total = out.total
