@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-deepspeed install-mpi install-wandb demo test test-fast check-cuda bench clean
+.PHONY: install install-deepspeed install-mpi install-wandb install-system demo test test-fast check-cuda gpu-check bench clean
 
 # The venv, pinned CPU torch (never a bare `torch`), then our C++ extensions built against it.
 $(STAMP): requirements.txt setup.py pyproject.toml csrc/*.cpp
@@ -28,6 +28,21 @@ install-mpi: install
 # Optional Weights & Biases logging (--wandb-project); WANDB_MODE=offline logs without an account or network.
 install-wandb: install
 	$(PIP) install -q torch==2.13.0 wandb==0.31.0
+
+# GPU clusters: install into the python already there (an NGC container, a conda env) without touching its CUDA
+# PyTorch: the requirements minus torch, megagpt itself with --no-deps, the C++ helpers and the CUDA extension.
+SYSPY ?= python3
+install-system:
+	@$(SYSPY) -c "import torch" || { echo "install-system: $(SYSPY) has no torch; install your CUDA PyTorch first"; exit 1; }
+	mkdir -p build && grep -v '^torch==' requirements.txt > build/requirements-no-torch.txt
+	$(SYSPY) -m pip install -q -r build/requirements-no-torch.txt
+	$(SYSPY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(SYSPY) tools/build_cuda_extension.py
+
+# The prepared GPU check (no network needed): builds in place, runs tests/gpu and the GPU benchmarks, writes
+# bench/RESULTS-gpu.md. See bench/gpu_check.py.
+gpu-check:
+	$(SYSPY) bench/gpu_check.py
 
 demo: install
 	bash examples/run_cpu_demo.sh

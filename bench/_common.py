@@ -21,6 +21,25 @@ from megagpt.diagnostics.hardware import matmul_rate  # noqa: E402,F401 (benchma
 from megagpt.parallel.launch import free_port  # noqa: E402,F401 (benchmarks import it from here)
 
 
+def device_matmul_rate(dtype: torch.dtype, n: int = 8192, reps: int = 20) -> tuple[float, float, int]:
+    """Best FLOP/s of an n x n torch.mm on the current CUDA device (CUDA events after a warm-up), in
+    matmul_rate's (wall, CPU, n) form: the ceiling an MFU figure is measured against in the same run."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    rate = 2 * n ** 3 / best
+    return rate, rate, n
+
+
 def single_rank_env() -> None:
     """Environment of a torchrun launch with one rank, so `megagpt.training.setup` joins a 1-rank gloo group."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",

@@ -24,6 +24,7 @@ from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
 from megagpt.data.tokenizer import build_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks
+from megagpt.model.softmax import attention_backend_line
 from megagpt.engines import build_engine
 from megagpt.engines.base import Engine, MicroBatch
 from megagpt.engines.native import params_dtype
@@ -288,6 +289,14 @@ def setup(config: Config, log: bool = True) -> tuple["Trainer", ParallelState]:
     ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config),
                        p.pipeline_schedule)
     comm.all_reduce(torch.zeros(1, device=device), ps.pp_group)  # NCCL: every rank joins a group before its p2p
+    m = config.model
+    try:   # on CUDA this builds the fused softmax extension now, not at the first step
+        attention = attention_backend_line(m.attention_backend, m.attention_core, device.type, params_dtype(config),
+                                           m.seq_length, m.masked_softmax_fusion)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if log and ps.rank == 0:
+        print(f" {attention}", flush=True)
     trainer = Trainer(config, ps, device, launch)
     rng_state = trainer.load(config.train.load, config.train.ckpt_step) if config.train.load else None
     trainer.attach_data()

@@ -53,3 +53,24 @@ def _dropout_runs(rates: list[float]):
         trainer, ps = setup(config, log=False)
         out.append(train_loop(config, trainer, ps, log=False).losses)
     return out
+
+
+def test_startup_line_names_the_core_and_fused_fails_loudly_on_a_gpu(monkeypatch):
+    """Which attention runs is printed at start-up; `--attention-backend fused` on a CUDA run whose kernel cannot run
+    (here: a failed build, faked) stops with the reason, while `local` falls back to PyTorch's softmax and says so.
+    On the CPU, fused is PyTorch's softmax by design: a line, not an error."""
+    from megagpt.model import softmax
+    line = softmax.attention_backend_line
+    assert line("auto", "flash", "cpu", torch.float32, 1024).startswith("attention: flash (torch scaled_dot_product")
+    assert "the kernel runs on CUDA, this run is on cpu" in line("fused", "fused", "cpu", torch.float32, 1024)
+    monkeypatch.setattr(softmax._EXTENSION, "get", lambda: (None, "RuntimeError: nvcc not found"))
+    with pytest.raises(ValueError, match="fused cannot use the fused softmax kernel: the CUDA extension did not "
+                                         "build: RuntimeError: nvcc not found"):
+        line("fused", "fused", "cuda", torch.bfloat16, 1024)
+    with pytest.raises(ValueError, match="takes fp16/bf16 scores, this run computes in float32"):
+        line("fused", "fused", "cuda", torch.float32, 1024)
+    with pytest.raises(ValueError, match="key length 20000 > 16384"):
+        line("fused", "fused", "cuda", torch.bfloat16, 20000)
+    assert "PyTorch softmax (the CUDA extension did not build" in line("local", "fused", "cuda", torch.bfloat16, 1024)
+    monkeypatch.setattr(softmax._EXTENSION, "get", lambda: (object(), None))
+    assert line("fused", "fused", "cuda", torch.bfloat16, 1024).startswith("attention: fused softmax CUDA kernel")

@@ -221,3 +221,38 @@ class FusedScaleMaskSoftmax(nn.Module):
         if may_have_empty_rows:
             probs = probs.masked_fill(masked, 0.0)  # fully masked rows are NaN after softmax: make them 0
         return probs.to(scores.dtype)
+
+
+def fused_run_problem(device_type: str, dtype: torch.dtype, seq_length: int, fusion: bool = True) -> Optional[str]:
+    """Why a run on `device_type` computing in `dtype` cannot use the fused kernel for its attention (None: it can).
+    On CUDA this builds the extension (ahead of the first step, so a failed build is reported at start-up)."""
+    if not fusion:
+        return "disabled by --no-masked-softmax-fusion"
+    if device_type != "cuda":
+        return f"the kernel runs on CUDA, this run is on {device_type}"
+    if dtype not in _KERNEL_DTYPES:
+        return f"the kernel takes fp16/bf16 scores, this run computes in {str(dtype).replace('torch.', '')}"
+    reason = kernel_key_length_reason(seq_length)
+    if reason is not None:
+        return reason
+    module, build_error = _EXTENSION.get()
+    return None if module is not None else f"the CUDA extension did not build: {build_error}"
+
+
+def attention_backend_line(requested: str, core: str, device_type: str, dtype: torch.dtype, seq_length: int,
+                           fusion: bool = True) -> str:
+    """The start-up line naming the attention core that runs and why. ValueError when `--attention-backend fused`
+    asks for the kernel on a CUDA run that cannot use it: a silent fallback would cost the run its speed unseen.
+    (On the CPU, fused computes the kernel's function with PyTorch ops: there is no kernel to miss.)"""
+    if core == "flash":
+        where = "flash / memory-efficient kernels" if device_type == "cuda" else "its CPU kernel"
+        return f"attention: flash (torch scaled_dot_product_attention, {where}; --attention-backend {requested})"
+    if core == "unfused":
+        return "attention: unfused (matmul, PyTorch softmax, matmul; --attention-backend unfused)"
+    problem = fused_run_problem(device_type, dtype, seq_length, fusion)
+    if problem is None:
+        return f"attention: fused softmax CUDA kernel (csrc/fused_softmax; --attention-backend {requested})"
+    if requested == "fused" and device_type == "cuda":
+        raise ValueError(f"--attention-backend fused cannot use the fused softmax kernel: {problem}. Use "
+                         f"--attention-backend flash (or local, which falls back to PyTorch's softmax)")
+    return f"attention: {requested}, PyTorch softmax ({problem}; --attention-backend {requested})"
