@@ -91,6 +91,10 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        # The W step must feed the parameter itself to autograd: under saved-tensor hooks (activation offloading,
+        # the trainer's activation-byte measurement) ctx.saved_tensors may return another tensor object for it,
+        # and a gradient "accumulated" into that one would be lost.
+        ctx.weight_leaf = weight if weight.grad_fn is None else None
         return F.linear(x, weight, bias)  # [*, out]
 
     @staticmethod
@@ -103,8 +107,8 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Only a leaf weight can be fed to autograd later: a weight computed by other ops (a cast, say) has
             # its graph freed by then, so its gradient is computed now.
-            if _QUEUE is not None and weight.grad_fn is None:
-                _QUEUE.add(weight, grad_output, x)
+            if _QUEUE is not None and ctx.weight_leaf is not None:
+                _QUEUE.add(ctx.weight_leaf, grad_output, x)
             else:
                 grad_weight = _weight_grad(grad_output, x)  # [out, in]
         return grad_x, grad_weight, grad_bias
