@@ -22,7 +22,7 @@ from megagpt.config import (Config, ConfigError, all_data_prefixes, global_batch
 from megagpt.data.batches import MicroBatches, build_datasets
 from megagpt.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megagpt.data.sampler import build_data_loader
-from megagpt.data.tokenizer import build_tokenizer
+from megagpt.data.tokenizer import data_tokenizer
 from megagpt.model.gpt import GPTModel, build_model_chunks
 from megagpt.model.softmax import attention_backend_line
 from megagpt.engines import build_engine
@@ -93,18 +93,12 @@ def resume_directory(config: Config, verbose: bool) -> Optional[str]:
     return newest
 
 
-def config_tokenizer(config: Config):
-    """The tokenizer the data flags name."""
-    d = config.data
-    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
-
-
 def resolve_vocab(config: Config) -> None:
     """Set model.vocab_size from the tokenizer and check the dataset's tokens fit it, before any allocation."""
     d = config.data
     if config.model.vocab_size is None or not d.mock_data:
         try:
-            tokenizer = config_tokenizer(config)
+            tokenizer = data_tokenizer(d)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"tokenizer: {exc}") from exc
         if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
@@ -187,7 +181,7 @@ class Trainer:
             return
         t, d = self.config.train, self.config.data
         train, valid, _ = self.datasets
-        masked = config_tokenizer(self.config).eod if d.eod_mask_loss else None
+        masked = data_tokenizer(d).eod if d.eod_mask_loss else None
         make = lambda ds, consumed: MicroBatches(build_data_loader(  # noqa: E731
             ds, consumed, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size, d.num_workers,
             cyclic=d.dataloader_type == "cyclic", pin_memory=self.device.type == "cuda"), self.device, masked)

@@ -9,13 +9,12 @@ attention mask (model/transformer.py document_mask) and position ids into its po
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 
 from megagpt.config import DataConfig
-from megagpt.data.tokenizer import build_tokenizer
+from megagpt.data.tokenizer import data_tokenizer
 
 
 class Documents(NamedTuple):
@@ -40,19 +39,8 @@ def split_documents(tokens: torch.Tensor, eod: int, reset_position_ids: bool,
     return Documents(position_ids, document_ids if reset_attention_mask else None)
 
 
-@functools.lru_cache(maxsize=4)
-def _eod_of(tokenizer_type: str, vocab_file: Optional[str], merge_file: Optional[str],
-            tokenizer_model: Optional[str]) -> int:
-    return build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model).eod
-
-
-def eod_token(d: DataConfig) -> int:
-    """The EOD id of the tokenizer the data flags name (built once per process, not once per micro-batch)."""
-    return _eod_of(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
-
-
 def documents_of(tokens: torch.Tensor, d: DataConfig) -> Optional[Documents]:
     """`split_documents` under the data flags (None, without building the tokenizer, when both are off)."""
     if not (d.reset_position_ids or d.reset_attention_mask):
         return None
-    return split_documents(tokens, eod_token(d), d.reset_position_ids, d.reset_attention_mask)
+    return split_documents(tokens, data_tokenizer(d).eod, d.reset_position_ids, d.reset_attention_mask)

@@ -11,6 +11,7 @@ must be fast. A faster encoder for the same ids (gigatoken) is chosen per run in
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from megagpt.config import DataConfig
 
 # GPT-2's pre-tokenizer pattern as published with the model (OpenAI encoder.py); HF's ByteLevel uses the same.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -289,3 +292,15 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_fi
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; valid: {', '.join(TOKENIZER_TYPES)}")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str | None,
+                      tokenizer_model: str | None) -> Tokenizer:
+    return build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model)
+
+
+def data_tokenizer(d: DataConfig) -> Tokenizer:
+    """The tokenizer the data flags name, built once per process (the vocabulary check, --eod-mask-loss and the
+    document layout of --reset-* all ask for it)."""
+    return _cached_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
