@@ -125,9 +125,12 @@ class Trainer:
     def __init__(self, config: Config, ps: ParallelState, device: torch.device, launch: LaunchEnv) -> None:
         self.config, self.ps, self.device = config, ps, device
         self.tracker = tp_random.model_parallel_seed(config.train.seed, ps.tp_rank, ps.pp_rank, device)
+        build_on = torch.device("cpu") if config.parallel.use_cpu_initialization else device
         self.chunks: list[GPTModel] = build_model_chunks(
             config.model, ps, seed=config.train.seed, tracker=self.tracker, num_chunks=num_model_chunks(config),
-            sequence_parallel=config.parallel.sequence_parallel, params_dtype=params_dtype(config), device=device)
+            sequence_parallel=config.parallel.sequence_parallel, params_dtype=params_dtype(config), device=build_on)
+        for chunk in self.chunks:
+            chunk.to(device)              # in place (the same Parameter objects): a no-op unless built on the CPU
         self.num_microbatches = num_microbatches(config, ps.dp_size)
         lg = config.logging    # the run's one Timers: the engine, optimizer and pipeline executor time into it
         self.timers = Timers(lg.timing_log_level, lg.timing_log_option, device, lg.barrier_with_l1_time)

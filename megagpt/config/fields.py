@@ -124,6 +124,8 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = arg(1, "tensor-parallel ranks (TP)")
+    use_cpu_initialization: bool = arg(False, "build the weights on the CPU, then move them (Megatron's flag): the "
+                                       "values a CPU run starts from; default: on the GPU, from its generator")
     pipeline_model_parallel_size: int = arg(1, "pipeline stages (PP)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = arg(None, "layers per virtual stage (interleaved 1F1B)")
     pipeline_schedule: Optional[str] = arg(None, "pipeline schedule: 1f1b, interleaved, zb-h1 or zb-v (default: "

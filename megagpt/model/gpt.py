@@ -53,10 +53,10 @@ class Embedding(nn.Module):
         self.learned_positions = cfg.position_embedding_type == "learned_absolute"
         if self.learned_positions:
             self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=device, dtype=dtype)
-            master = torch.empty(cfg.max_positions, cfg.hidden_size)
-            seeded_normal_init(seed, "embedding.position_embeddings.weight", cfg.init_method_std)(master)
-            with torch.no_grad():
-                self.position_embeddings.weight.copy_(master)
+            if self.position_embeddings.weight.device.type != "meta":   # filled where it lives, as layers.py does
+                with torch.no_grad():
+                    seeded_normal_init(seed, "embedding.position_embeddings.weight",
+                                       cfg.init_method_std)(self.position_embeddings.weight)
             # Under SP each TP rank adds only its sequence slice of positions: its grad is partial, summed over TP.
             tag(self.position_embeddings.weight, sequence_parallel=sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

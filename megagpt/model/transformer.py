@@ -35,9 +35,10 @@ def seeded_normal_init(seed: int, name: str, std: float, rows: Optional[int] = N
     key = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
     def init(master: torch.Tensor) -> None:
-        generator = torch.Generator().manual_seed(key)
+        generator = torch.Generator(device=master.device).manual_seed(key)   # the master's device (layers.py)
         target = master if rows is None else master[:rows]
-        values = torch.empty(target.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        values = torch.empty(target.shape, dtype=torch.float32, device=master.device).normal_(0.0, std,
+                                                                                    generator=generator)
         master.zero_()
         target.copy_(values)
 

@@ -1,9 +1,11 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
 
-Init contract: every weight is built from ONE deterministic master tensor at full (unsharded) size, on CPU in
-fp32, filled in place by the caller's `init_method`; each rank then copies its own TP slice into its Parameter
-and the master is freed. Hence any TP size builds exactly the same model as TP=1, and peak extra memory is one
-full parameter. Biases start at zero.
+Init contract: every weight is built from ONE deterministic master tensor at full (unsharded) size in fp32, filled
+in place by the caller's `init_method`; each rank then copies its own TP slice into its Parameter and the master is
+freed. Hence any TP size builds exactly the same model as TP=1, and peak extra memory is one full parameter. The
+master lives on the parameter's device: on a GPU no full-size copy passes through host memory (start-up of billions
+of parameters in seconds, not minutes), and the values come from the GPU's generator, the same on every TP rank but
+not the CPU's values (`--use-cpu-initialization` builds on the CPU, as Megatron's flag does). Biases start at zero.
 
 Sharded parameters are tagged (param_tags.py) with their TP split dim (0 column/vocab rows, 1 row-parallel input
 dim). The row-parallel bias under sequence parallelism is tagged `sequence_parallel`: each rank only sees its slice
@@ -121,12 +123,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 def _sharded_param(full_shape: tuple[int, ...], partition_dim: Optional[int], group, init_method: InitMethod,
                    params_dtype: torch.dtype, device) -> nn.Parameter:
-    """Build the full fp32 master on CPU, fill it with `init_method`, keep this rank's slice along `partition_dim`.
-
-    `partition_dim=None` keeps the whole tensor (replicated parameter).
-    """
-    master = torch.empty(full_shape, dtype=torch.float32, device="cpu")
-    init_method(master)
+    """Build the full fp32 master on the parameter's device, fill it with `init_method`, keep this rank's slice
+    along `partition_dim`. `partition_dim=None` keeps the whole tensor (replicated parameter). On the meta device
+    (counting parameters without memory) nothing is filled."""
+    device = torch.device(device if device is not None else "cpu")
+    master = torch.empty(full_shape, dtype=torch.float32, device=device)
+    if device.type != "meta":
+        init_method(master)
     if partition_dim is None:
         shard = master
     else:
