@@ -9,6 +9,7 @@ measured cpu-here cluster assumes.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import torch.multiprocessing as mp
@@ -20,7 +21,7 @@ from megagpt.plan.step_time import step_time
 from megagpt.training import config_for_test
 
 LAYOUTS = {"DP 2": {}, "TP 2": dict(tensor_model_parallel_size=2), "PP 2": dict(pipeline_model_parallel_size=2)}
-ITERS, WARMUP = 6, 2
+ITERS, WARMUP = 8, 2
 
 
 def _config(**layout):
@@ -44,7 +45,7 @@ def _worker(rank, port, layout, queue):
         trainer.train_step()
         times.append(time.perf_counter() - t0)
     if rank == 0:
-        queue.put(sum(times[WARMUP:]) / (ITERS - WARMUP))
+        queue.put(statistics.median(times[WARMUP:]))   # the median step: robust to a neighbour's burst
 
 
 def measure(layout) -> float:
@@ -75,6 +76,7 @@ def main() -> None:
         measured = measure(layout)
         rows.append([name, f"{predicted.total * 1e3:.1f}", f"{measured * 1e3:.1f}",
                      f"{(predicted.total - measured) / measured * 100:+.0f}%"])
+    print(load_average())
     print_table(["layout", "predicted ms", "measured ms", "error"], rows,
                 title="step time, 4 layers h=256 s=128, micro-batch 4, global batch 16, 2 ranks x 1 thread")
     names = [k for k in next(iter(terms.values())) if any(t.get(k) for t in terms.values())]

@@ -135,27 +135,28 @@ def _gloo_worker(rank: int, port: int, nbytes: int, reps: int, queue) -> None:
     try:
         big, small = torch.ones(nbytes // 4), torch.ones(1024)
         a = torch.randn(384, 384)
-        times: dict[str, list[float]] = {"big": [], "small": []}
-        for i in range(4 * reps + 1):
-            for name, tensor in (("small", small),) * 3 + (("big", big),) * (i % 4 == 0):
-                torch.mm(a, a)          # ~1 ms of work between calls, as the trainer's layers do
-                t0 = time.perf_counter()
-                dist.all_reduce(tensor)
-                if i:
-                    times[name].append(time.perf_counter() - t0)
+        times: dict[int, list[float]] = {big.numel(): [], small.numel(): []}
+        calls = [small] * 15 * reps + [big] * reps
+        for i, tensor in enumerate([small] + calls):       # the first call warms the connection up
+            torch.mm(a, a)          # ~1 ms of work between calls, as the trainer's layers do
+            t0 = time.perf_counter()
+            dist.all_reduce(tensor)
+            if i:
+                times[tensor.numel()].append(time.perf_counter() - t0)
         if rank == 0:
-            queue.put((statistics.median(times["big"]), statistics.median(times["small"])))
+            queue.put((statistics.mean(times[big.numel()]), statistics.mean(times[small.numel()])))
     finally:
         dist.destroy_process_group()
 
 
-def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 8) -> tuple[float, float]:
+def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 10) -> tuple[float, float]:
     """(bus bandwidth in bytes/s, latency in s) of a 2-process gloo all-reduce on loopback (busbw = B / t for n=2).
 
-    Latency is the median time of a 4 KiB all-reduce issued between bursts of compute, as the trainer issues its
-    TP all-reduces and p2p sends: each call pays waking the peer's gloo threads, which on a virtual machine costs
-    far more than a back-to-back ping-pong (best-of after a barrier measured 0.2 ms here, the median in this
-    pattern and in a TP step 1.5-2 ms). Bandwidth is the median large all-reduce less that latency."""
+    Latency is the mean time of a 4 KiB all-reduce issued between bursts of compute, as the trainer issues its TP
+    all-reduces and p2p sends: each call pays waking the peer's gloo threads (on this virtual machine a bimodal
+    0.3 or 1.5 ms; best-of after a barrier said 0.2 ms, 8x too optimistic for a TP step) and the ranks' arrival
+    skew. The mean, not a best-of or the median, because a step pays the sum of its calls. Bandwidth is the mean
+    large all-reduce less that latency."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
