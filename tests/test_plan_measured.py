@@ -112,14 +112,19 @@ def test_activation_bytes_within_5_percent_of_saved_tensors():
 
 
 def _pretrain_output(config):
+    """The run's stdout, and how many steps ran their forwards under the measuring wrapper."""
     import contextlib
     import io
 
+    from megagpt.engines import native
     from megagpt.training import pretrain
+    measured_steps = []
+    wrap = native.measure_first_calls
+    native.measure_first_calls = lambda *args: measured_steps.append(1) or wrap(*args)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pretrain(config, log=True)
-    return out.getvalue()
+    return out.getvalue(), len(measured_steps)
 
 
 def test_trainer_prints_measured_activation_bytes_beside_the_plan():
@@ -132,7 +137,9 @@ def test_trainer_prints_measured_activation_bytes_beside_the_plan():
                              pipeline_model_parallel_size=2, micro_batch_size=4, global_batch_size=8, train_iters=2,
                              eval_interval=0, eval_iters=0, log_interval=1, mock_data=True,
                              tokenizer_type="ByteTokenizer", seed=1234)
-    text = "".join(run_distributed(_pretrain_output, 2, config))   # each rank prints its own line
+    results = run_distributed(_pretrain_output, 2, config)
+    text = "".join(out for out, _ in results)                       # each rank prints its own line
+    assert [steps for _, steps in results] == [1, 1]                # iteration 1 only: later steps run bare
     found = re.findall(r"> rank (\d) memory after iteration 1: .*\| activations per micro-batch: "
                        r"measured ([\d.]+) MiB, plan ([\d.]+) MiB", text)
     assert sorted(int(r) for r, _, _ in found) == [0, 1], text[-2000:]
