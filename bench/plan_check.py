@@ -66,7 +66,8 @@ def main() -> None:
     cluster = measure_cpu_cluster(2)
     print(f"cpu-here: GEMM {cluster.gpu_peak_tflops * 1e3:.1f} GFLOP/s per rank, attention core "
           f"{cluster.attention_tflops * 1e3:.1f} GFLOP/s, elementwise {cluster.elementwise_gbps:.1f} GB/s, memory "
-          f"{cluster.memory_gbps:.1f} GB/s, gloo {cluster.intra_node_gbps:.2f} GB/s, latency {cluster.latency_us:.0f} us")
+          f"{cluster.memory_gbps:.1f} GB/s, gloo {cluster.intra_node_gbps:.2f} GB/s, "
+          f"latency {cluster.latency_us:.0f} us")
     rows, terms = [], {}
     for name, layout in LAYOUTS.items():
         config = _config(**layout)

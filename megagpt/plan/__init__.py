@@ -4,4 +4,5 @@ Pure arithmetic: no process groups, no allocation (tests/test_imports.py keeps p
 out). Measurement of this machine for `--cluster cpu-here` lives in megagpt/diagnostics/hardware.py.
 """
 
-from megagpt.plan.report import activation_check, dry_run, explain, startup_report  # noqa: E402,F401 (the trainer's entry points)
+from megagpt.plan.report import (activation_check, dry_run, explain,  # noqa: E402,F401 (the trainer's entry points)
+                                  startup_report)
