@@ -135,7 +135,8 @@ def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
     else:
         reduce, gather = ring_time(4.0 * numel, d.dp, dp_bw, cluster, all_reduce=True), 0.0
     if p.overlap_grad_reduce:
-        reduce = max(0.0, reduce - stages[slowest]["compute"] * 2.0 / 3.0)
+        backward = (stages[slowest]["compute"] + stages[slowest]["attention"]) * 2.0 / 3.0
+        reduce = max(0.0, reduce - backward)
     out.terms["DP grad reduction (exposed)"] = reduce
     out.terms["ZeRO param all-gather"] = gather
     if d.pp > 1:
