@@ -178,7 +178,7 @@ def test_cpu_terms_follow_their_cluster_fields():
     (4 all-reduces per layer per micro-batch, 1 for the embedding, 1 for the LM head, 2 in cross-entropy: counted
     here by hand, as the model code makes them) and to the per-step grad-norm all-reduce,
     the attention and elementwise rates scale their terms inversely, and unset they fall back to the GEMM rate and
-    the memory bandwidth (so the GPU presets' numbers are unchanged)."""
+    the memory bandwidth (so the GPU presets' numbers are unchanged); host overhead is per layer and micro-batch."""
     config = parse_args(["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length",
                          "128", "--max-position-embeddings", "128", "--vocab-size", "2048", "--micro-batch-size", "4",
                          "--global-batch-size", "16", "--tensor-model-parallel-size", "2"])
@@ -195,6 +195,9 @@ def test_cpu_terms_follow_their_cluster_fields():
     assert slow.terms["attention core"] == pytest.approx(4 * t0.terms["attention core"], rel=1e-9)
     assert slow.terms["elementwise ops"] == pytest.approx(4 * t0.terms["elementwise ops"], rel=1e-9)
     assert slow.terms["GEMM compute"] == t0.terms["GEMM compute"]
+    assert t0.terms["host overhead"] == 0.0              # GPUs: launches run ahead of the kernels
+    host = step_time(config, 2, dataclasses.replace(base, layer_overhead_us=500.0, microbatch_overhead_us=300.0))
+    assert host.terms["host overhead"] == pytest.approx(4 * (4 * 500e-6 + 300e-6), rel=1e-9)   # m x (L x layer + mb)
     # attention core FLOPs: 4 s^2 h per layer forward, x3 with backward, over TP, 4 layers, 4 micro-batches
     assert t0.terms["attention core"] == pytest.approx(4 * 4 * 3 * 4 * 128 ** 2 * 256 * 4 / 2 / 0.1e12, rel=1e-9)
     text, status = run(["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--cluster",

@@ -1,5 +1,5 @@
 """Measure this machine for the planner's `--cluster cpu-here`: GEMM, attention and elementwise rates, memory
-bandwidth, gloo latency and bandwidth.
+bandwidth, gloo latency and bandwidth, host overhead per layer.
 
 Why measured and not looked up: a CPU's FLOP/s depends on its vector units, threads and neighbours, and gloo's
 loopback bandwidth on the kernel, so the only honest numbers are this machine's own. Kept out of megagpt/plan (pure
@@ -169,6 +169,47 @@ def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 10) -> tuple[float, fl
     return nbytes / max(seconds - latency, 1e-6), latency
 
 
+def _host_worker(port: int, layers: Sequence[int], reps: int, queue) -> None:
+    from megagpt.config import ModelConfig
+    from megagpt.model.gpt import build_model_chunks
+    from megagpt.parallel import random as tp_random
+    from megagpt.parallel.state import ParallelState
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=120))
+    try:
+        seconds = []
+        for n in layers:
+            config = ModelConfig(num_layers=n, hidden_size=64, num_attention_heads=4, seq_length=16,
+                                 max_position_embeddings=16, vocab_size=128, hidden_dropout=0.0, attention_dropout=0.0)
+            model = build_model_chunks(config, ParallelState(1, 1), seed=1,
+                                       tracker=tp_random.model_parallel_seed(1, 0, 0, "cpu"))[0]
+            tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))   # [b, s]
+
+            def step() -> None:
+                model(tokens=tokens, labels=tokens).mean().backward()
+            step()
+            seconds.append(statistics.median(_timed(step) for _ in range(reps)))
+        queue.put(seconds)
+    finally:
+        dist.destroy_process_group()
+
+
+def host_overhead(layers: tuple[int, int] = (1, 5), reps: int = 15) -> tuple[float, float]:
+    """(seconds per transformer layer, seconds per micro-batch outside the layers) of one micro-batch's forward +
+    backward through megagpt's GPT at width 64 and 16 tokens, where the kernels' work is negligible: what is left
+    is Python, operator dispatch and autograd, which a CPU pays serially. Two depths give the slope and the
+    intercept. (A GPU launches kernels asynchronously, so its host runs ahead and this is hidden.)"""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_host_worker, args=(free_port(), layers, reps, queue), daemon=True)
+    proc.start()
+    short, deep = queue.get(timeout=300)
+    proc.join(30)
+    per_layer = max(deep - short, 0.0) / (layers[1] - layers[0])
+    return per_layer, max(short - layers[0] * per_layer, 0.0)
+
+
 RATES = (layer_gemm_rate, attention_rate, elementwise_bandwidth, memory_bandwidth)
 
 
@@ -199,13 +240,16 @@ def concurrent_rates(ranks: int, threads: int) -> list[float]:
 def measure_cpu_cluster(num_gpus: int = 2, threads_per_rank: int = 1) -> Cluster:
     """This machine as a cluster of `num_gpus` CPU ranks of `threads_per_rank` threads each (one node): the GEMM
     rate at a layer's shapes, the attention core's rate, the elementwise kernels' and the copy bandwidth (all with
-    the ranks running at once, as many as the cores hold), and gloo's per-call latency and bandwidth."""
+    the ranks running at once, as many as the cores hold), gloo's per-call latency and bandwidth, and the host
+    time per layer and per micro-batch."""
     ranks = max(1, min(num_gpus, (os.cpu_count() or 1) // threads_per_rank))
     flops, attention, elementwise, mem_bw = concurrent_rates(ranks, threads_per_rank)
     busbw, latency = gloo_bandwidth()
+    per_layer, per_microbatch = host_overhead()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return Cluster(num_gpus=num_gpus, gpus_per_node=num_gpus, gpu_memory_gib=ram / num_gpus,
                    gpu_peak_tflops=flops / 1e12, intra_node_gbps=busbw / 1e9, inter_node_gbps=busbw / 1e9,
                    achievable_mfu=1.0, memory_gbps=mem_bw / 1e9, latency_us=latency * 1e6, device="cpu",
                    elementwise_gbps=elementwise / 1e9, attention_tflops=attention / 1e12,
+                   layer_overhead_us=per_layer * 1e6, microbatch_overhead_us=per_microbatch * 1e6,
                    runtime_gib=0.0, fragmentation=0.0, name="cpu-here")

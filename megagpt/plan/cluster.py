@@ -34,6 +34,9 @@ class Cluster:
     #                                            move, GB/s; None: memory_gbps (bandwidth-bound on GPUs)
     attention_tflops: Optional[float] = None   # flash attention core (FLOPs counted as 4 s^2 h per layer forward);
     #                                            None: the GEMM rate, gpu_peak_tflops x achievable_mfu
+    layer_overhead_us: float = 0.0       # host time per layer per micro-batch outside the kernels (Python, dispatch,
+    #                                      autograd): serial on a CPU; 0 on GPUs, whose launches run ahead
+    microbatch_overhead_us: float = 0.0  # the same for a micro-batch's embedding, LM head and loss
     device: str = "cuda"            # "cuda" or "cpu": decides dropout-mask and LayerNorm-statistic dtypes
     runtime_gib: float = 1.0        # memory outside PyTorch's allocator: CUDA context, cuBLAS workspace, NCCL buffers
     fragmentation: float = 0.10     # allowance for the caching allocator's fragmentation, fraction of the total

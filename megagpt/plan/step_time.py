@@ -17,6 +17,8 @@ Why each term (the trainer's behaviour they mirror):
 - DP: DDP all-reduces the fp32 grad buffer, ZeRO reduce-scatters it and all-gathers the updated params (model
   dtype). With --overlap-grad-reduce the buckets start during the last micro-batch's backward, so only what
   exceeds that backward is exposed; the ZeRO all-gather after the step is always exposed;
+- host: Python, operator dispatch and autograd outside the kernels, per layer and per micro-batch: serial on a
+  CPU (cpu-here measures it on a model too narrow for the kernels to count); GPUs launch asynchronously (0);
 - optimizer: fused AdamW plus norm and clip touch ~44 bytes per owned element at memory bandwidth; the grad
   norm and the loss's small collectives pay one latency each.
 Links: ranks are placed TP fastest, then DP, then PP (DESIGN.md), nodes hold consecutive ranks, so a group is
@@ -86,10 +88,12 @@ def stage_microbatch_time(config: Config, d: Dims, pp_rank: int, cluster: Cluste
     elementwise_bw = (cluster.elementwise_gbps or cluster.memory_gbps) * 1e9
     tp_bw = _link(d.t, cluster)
     compute = attention = elementwise = tp = 0.0
+    host = cluster.microbatch_overhead_us * 1e-6
     no_recompute = copy.deepcopy(config)
     no_recompute.model.recompute_granularity = None
     for layers, first, last in rank_chunks(config, pp_rank):
         gemms, core, extra_gemms, extra_core = chunk_forward_flops(config, d, layers, last)
+        host += layers * cluster.layer_overhead_us * 1e-6
         compute += (3.0 * gemms + extra_gemms) / d.t / rate
         attention += (3.0 * core + extra_core) / d.t / core_rate
         # Traffic follows the activations created, not those kept: recompute creates the recomputed ones twice.
@@ -102,7 +106,7 @@ def stage_microbatch_time(config: Config, d: Dims, pp_rank: int, cluster: Cluste
         tp += collectives * ring_time(nbytes, d.t, tp_bw, cluster, all_reduce=True)
         if last:   # vocab-parallel cross-entropy: each token's max, then its (sum of exps, target logit), fp32
             tp += sum(ring_time(n * 4.0 * d.s * d.b, d.t, tp_bw, cluster, all_reduce=True) for n in (1, 2))
-    return {"compute": compute, "attention": attention, "elementwise": elementwise, "tp": tp}
+    return {"compute": compute, "attention": attention, "elementwise": elementwise, "tp": tp, "host": host}
 
 
 def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
@@ -120,7 +124,7 @@ def step_time(config: Config, world_size: int, cluster: Cluster) -> StepTime:
     fill = (sum(per_mb) - per_mb[slowest]) / v
     out = StepTime()
     names = {"compute": "GEMM compute", "attention": "attention core", "elementwise": "elementwise ops",
-             "tp": "TP collectives"}
+             "tp": "TP collectives", "host": "host overhead"}
     for name, label in names.items():
         out.terms[label] = m * stages[slowest][name]
     out.terms["pipeline bubble"] = fill
