@@ -71,8 +71,8 @@ def get_grad_norm(params: Iterable[nn.Parameter], ps, grads_for_norm: Optional[l
         raise ValueError(f"norm_type must be 2 or inf, got {norm_type}")
     total = torch.zeros((), dtype=torch.float32, device=device)
     if grads_for_norm:
-        norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32) for g in grads_for_norm])
-        total = norms.square().sum()                       # sum of squares of this rank's part
+        norms = torch._foreach_norm([g.detach() for g in grads_for_norm], 2.0, dtype=torch.float32)  # fused kernels
+        total = torch.stack(norms).square().sum()          # sum of squares of this rank's part
     for group in groups:
         comm.all_reduce(total, group)
     return float(total.sqrt().item())
@@ -89,9 +89,9 @@ def get_params_norm(params: Iterable[nn.Parameter], ps) -> float:
 def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
     """Scale `grads` in place by max_norm / (total_norm + 1e-6) when that is below 1 (torch and Megatron rule)."""
     coeff = max_norm / (total_norm + 1.0e-6)
-    if coeff < 1.0:
-        for g in grads:
-            g.mul_(coeff)
+    grads = [g for g in grads]
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, coeff)
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, ps,
