@@ -64,8 +64,8 @@ def measure(layout) -> float:
 def main() -> None:
     print(load_average())
     cluster = measure_cpu_cluster(2)
-    print(f"cpu-here: host {cluster.layer_overhead_us:.0f} us per layer, {cluster.microbatch_overhead_us:.0f} us per micro-batch; "
-          f"GEMM {cluster.gpu_peak_tflops * 1e3:.1f} GFLOP/s per rank, attention core "
+    print(f"cpu-here: host {cluster.layer_overhead_us:.0f} us per layer, {cluster.microbatch_overhead_us:.0f} us "
+          f"per micro-batch; GEMM {cluster.gpu_peak_tflops * 1e3:.1f} GFLOP/s per rank, attention core "
           f"{cluster.attention_tflops * 1e3:.1f} GFLOP/s, elementwise {cluster.elementwise_gbps:.1f} GB/s, memory "
           f"{cluster.memory_gbps:.1f} GB/s, gloo {cluster.intra_node_gbps:.2f} GB/s, "
           f"latency {cluster.latency_us:.0f} us")

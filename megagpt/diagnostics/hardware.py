@@ -149,7 +149,7 @@ def _gloo_worker(rank: int, port: int, nbytes: int, reps: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 10) -> tuple[float, float]:
+def gloo_bandwidth(nbytes: int = 8 * 2 ** 20, reps: int = 20) -> tuple[float, float]:
     """(bus bandwidth in bytes/s, latency in s) of a 2-process gloo all-reduce on loopback (busbw = B / t for n=2).
 
     Latency is the mean time of a 4 KiB all-reduce issued between bursts of compute, as the trainer issues its TP
