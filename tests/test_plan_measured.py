@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from megagpt.data.documents import documents_of
 from megagpt.diagnostics.activations import saved_tensor_bytes
 from megagpt.plan.memory import chunk_activation_bytes, dims, rank_chunks, state_bytes
 from megagpt.training import config_for_test
@@ -71,6 +72,11 @@ ACTIVATION_LAYOUTS = {
     "tp2_sp_no_dropout_bf16": dict(tp=2, sp=True, precision="bf16", dropout=-1),
     "tp2_flash": dict(tp=2, dropout=-1, backend="flash"),
     "pp2_sp_flash_bf16": dict(pp=2, tp=1, sp=False, precision="bf16", dropout=-1, backend="flash"),
+    # packed documents (#10): the document mask, the masked probabilities, per-token position ids
+    "tp2_documents": dict(tp=2, reset_attention_mask=True, reset_position_ids=True),
+    "pp2_documents_no_dropout": dict(pp=2, dropout=-1, reset_attention_mask=True, reset_position_ids=True),
+    "pp2_documents_flash": dict(pp=2, dropout=-1, backend="flash", reset_attention_mask=True,
+                                reset_position_ids=True),
 }
 
 
@@ -96,8 +102,10 @@ def _activation_case(layouts):
         for c, (model, (layers, first, last)) in enumerate(zip(chunks, rank_chunks(config, ps.pp_rank))):
             model.train()
             x = None if first else torch.randn(s // d.sp, b, m.hidden_size, generator=gen).to(dtype).requires_grad_()
+            position_ids, document_ids = documents_of(tokens, config.data) or (None, None)
             _, saved = saved_tensor_bytes(model, tokens=tokens if first else None, input_tensor=x,
-                                          labels=tokens if last else None, exclude=list(model.parameters()))
+                                          labels=tokens if last else None, position_ids=position_ids,
+                                          document_ids=document_ids, exclude=list(model.parameters()))
             predicted = sum(chunk_activation_bytes(config, d, layers, first, last).values())
             out[f"{name} chunk {c}"] = (saved.total, predicted)
     return out

@@ -235,9 +235,30 @@ def head_activation_terms(config: Config, d: Dims) -> dict[str, int]:
             "cross-entropy per-token stats": 8 * s * b + s * b + 8 * s * b}
 
 
+def document_terms(config: Config, d: Dims, layers: int, first: bool) -> dict[str, int]:
+    """Packed documents (--reset-attention-mask, --reset-position-ids; model/transformer.py document_mask): the
+    [b, 1, s, s] bool mask, one per chunk for scaled_dot_product_attention, one per layer on the softmax paths (its
+    union with the causal mask, kept by masked_fill), where the masked probabilities are a tensor of their own, kept
+    by the probs x V matmul unless attention dropout keeps its output instead; learned positions keep per-token ids."""
+    m, dd = config.model, config.data
+    s, b = d.s, d.b
+    terms = {}
+    if dd.reset_attention_mask:
+        if m.attention_core == "flash":
+            terms["document mask"] = b * s * s
+        elif m.recompute_granularity != "full":
+            terms["document mask"] = b * s * s * layers
+            if m.attention_dropout == 0 and d.softmax == d.e and m.recompute_granularity != "selective":
+                terms["masked attention probabilities"] = d.softmax * b * (m.num_attention_heads // d.t) * s * s * layers
+    if dd.reset_position_ids and first and m.position_embedding_type == "learned_absolute":
+        terms["per-token position ids"] = 8 * s * b - 8 * s
+    return terms
+
+
 def chunk_activation_bytes(config: Config, d: Dims, layers: int, first: bool, last: bool) -> dict[str, int]:
     """Bytes saved for backward by one micro-batch's forward through one model chunk, by term."""
     terms = {k: v * layers for k, v in layer_activation_terms(config, d).items()}
+    terms.update(document_terms(config, d, layers, first))
     if first:
         terms.update(embedding_activation_terms(config, d))
     if last:
