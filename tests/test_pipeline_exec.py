@@ -20,7 +20,8 @@ from torch import nn
 
 from distributed import run_distributed
 from megagpt.parallel.layers import linear
-from megagpt.parallel.state import ParallelState, virtual_stage
+from megagpt.config import virtual_stage
+from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.executor import broadcast_losses, forward_backward
 
 HIDDEN, BATCH, LAYERS, SEED = 8, 3, 8, 1234

@@ -32,6 +32,7 @@ STATE_LAYOUTS = {
     "pp2_interleaved_dp2_zero1": dict(pp=2, vl=1, zero=1),
     "tp2_pp2_sp": dict(tp=2, pp=2, sp=True),
     "dp4_zero2_bf16": dict(zero=2, precision="bf16"),
+    "pp2_zb_v_dp2": dict(pp=2, pipeline_schedule="zb-v"),   # rank 0 holds the first and the last stage
     # Llama-style (#15): grouped QKV, SwiGLU rows, bias-free RMSNorm, no position table, untied head, q/k norms
     "tp2_pp2_llama": dict(tp=2, pp=2, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                           group_query_attention=True, num_query_groups=2, untie_embeddings_and_output_weights=True,
@@ -72,6 +73,7 @@ ACTIVATION_LAYOUTS = {
     "tp2_sp_no_dropout_bf16": dict(tp=2, sp=True, precision="bf16", dropout=-1),
     "tp2_flash": dict(tp=2, dropout=-1, backend="flash"),
     "pp2_sp_flash_bf16": dict(pp=2, tp=1, sp=False, precision="bf16", dropout=-1, backend="flash"),
+    "pp2_zb_v": dict(pp=2, pipeline_schedule="zb-v"),
     # packed documents (#10): the document mask, the masked probabilities, per-token position ids
     "tp2_documents": dict(tp=2, reset_attention_mask=True, reset_position_ids=True),
     "pp2_documents_no_dropout": dict(pp=2, dropout=-1, reset_attention_mask=True, reset_position_ids=True),
@@ -90,7 +92,8 @@ def _activation_case(layouts):
     for name, kwargs in layouts.items():
         config = _config(**{**kwargs, "dropout": 0.1 if kwargs.get("dropout") != -1 else 0.0})
         m, p = config.model, config.parallel
-        ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config))
+        ps = ParallelState(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, num_model_chunks(config),
+                           p.pipeline_schedule)
         tracker = tp_random.model_parallel_seed(1, ps.tp_rank, ps.pp_rank, "cpu")
         dtype = params_dtype(config)
         chunks = build_model_chunks(m, ps, seed=1, tracker=tracker, num_chunks=num_model_chunks(config),
@@ -105,7 +108,8 @@ def _activation_case(layouts):
             position_ids, document_ids = documents_of(tokens, config.data) or (None, None)
             _, saved = saved_tensor_bytes(model, tokens=tokens if first else None, input_tensor=x,
                                           labels=tokens if last else None, position_ids=position_ids,
-                                          document_ids=document_ids, exclude=list(model.parameters()))
+                                          document_ids=document_ids,
+                                          exclude=[p for c in chunks for p in c.parameters()])  # zb-v: tied head
             predicted = sum(chunk_activation_bytes(config, d, layers, first, last).values())
             out[f"{name} chunk {c}"] = (saved.total, predicted)
     return out

@@ -11,7 +11,8 @@ from megagpt.checkpoint.convert import place
 from megagpt.config import ConfigError, validate
 from megagpt.model.gpt import stage_layer_ids
 from megagpt.parallel.layers import defer_weight_grads, linear
-from megagpt.parallel.state import ParallelLayout, stage_of, virtual_stage
+from megagpt.config import stage_of, virtual_stage
+from megagpt.parallel.state import ParallelLayout
 from megagpt.training import config_for_test
 
 

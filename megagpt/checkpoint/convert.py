@@ -38,7 +38,7 @@ from megagpt.config import ModelConfig, layout_problems, pad_vocab_size, variant
 from megagpt.fileio import atomic_torch_save, atomic_write_text, new_directory_problem, write_directory_atomically
 from megagpt.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING, stage_layer_ids
 from megagpt.model.transformer import glu_canonical_order, glu_tp_order, is_glu_fc1
-from megagpt.parallel.state import stage_of
+from megagpt.config import stage_of
 
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 from megagpt.config.fields import (Config)
 
-__all__ = ["final_global_batch_size", "step_schedule", "step_schedule_problems", "global_batch_size_at", "num_microbatches", "num_model_chunks", "pipeline_schedule_problems", "resolved_pipeline_schedule", "run_length_problems", "schedule_steps", "train_iters", "train_samples", "v_shaped"]
+__all__ = ["final_global_batch_size", "stage_of", "step_schedule", "step_schedule_problems", "virtual_stage", "global_batch_size_at", "num_microbatches", "num_model_chunks", "pipeline_schedule_problems", "resolved_pipeline_schedule", "run_length_problems", "schedule_steps", "train_iters", "train_samples", "v_shaped"]
 
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -226,3 +226,26 @@ def pipeline_schedule_problems(config: Config) -> list[str]:
             return [f"--pipeline-schedule zb-v needs num-layers {m.num_layers} divisible by 2 x "
                     f"pipeline-model-parallel-size {pp} = {2 * pp} (two chunks per rank)"]
     return []
+
+
+def virtual_stage(pp_size: int, pp_rank: int, chunk: int, num_chunks: int = 1, v_shape: bool = False) -> int:
+    """Position of model chunk `chunk` of pipeline rank `pp_rank` among the PP x chunks virtual stages.
+
+    Interleaved (Megatron): chunk c of rank r is virtual stage c PP + r, so activations always move to the next rank.
+    V shape (ZB-V, two chunks): chunk 0 goes down the ranks, chunk 1 comes back up (virtual stage 2 PP - 1 - r), so
+    the last rank passes activations to itself at the turn and rank 0 holds both the first and the last stage.
+    The single rule of which layers and which messages a (rank, chunk) owns; `stage_of` is its inverse."""
+    if v_shape:
+        if num_chunks != 2:
+            raise ValueError(f"the V placement (zb-v) has exactly 2 model chunks per rank, got {num_chunks}")
+        return pp_rank if chunk == 0 else 2 * pp_size - 1 - pp_rank
+    return chunk * pp_size + pp_rank
+
+
+def stage_of(vs: int, pp_size: int, num_chunks: int = 1, v_shape: bool = False) -> tuple[int, int]:
+    """(pp_rank, chunk) holding virtual stage `vs`: the inverse of `virtual_stage`."""
+    if not 0 <= vs < pp_size * num_chunks:
+        raise ValueError(f"virtual stage {vs} outside {pp_size} ranks x {num_chunks} chunks")
+    if v_shape:
+        return (vs, 0) if vs < pp_size else (2 * pp_size - 1 - vs, 1)
+    return vs % pp_size, vs // pp_size

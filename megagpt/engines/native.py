@@ -54,7 +54,7 @@ def run_schedule(config: Config, chunks: list[nn.Module], ps: ParallelState, bat
         return loss * (loss_scale / count), loss.detach()
 
     step = forward_step if saved_bytes is None else \
-        measure_first_calls(forward_step, saved_bytes, lambda chunk: chunks[chunk].parameters())
+        measure_first_calls(forward_step, saved_bytes, lambda chunk: [p for c in chunks for p in c.parameters()])
     losses = forward_backward(LEDGER.with_faults(step), count, ps, activation_shape(config, ps),
                               params_dtype(config), device,
                               num_chunks=len(chunks), forward_only=forward_only, on_instruction=on_instruction,

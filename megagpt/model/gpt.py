@@ -22,7 +22,8 @@ from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.param_tags import tag
 from megagpt.config import pad_vocab_size
 from megagpt.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from megagpt.parallel.state import ParallelState, virtual_stage
+from megagpt.config import virtual_stage
+from megagpt.parallel.state import ParallelState
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"

@@ -12,7 +12,7 @@ Worked layout, 8 ranks with TP=2, PP=2, DP=2::
     model-parallel   [0,1,4,5] [2,3,6,7]           (TP x PP for one DP replica: grad-norm reduction)
     embedding        [0,4] [1,5] [2,6] [3,7]       (first + last stage: tied word-embedding grads)
 
-Under the ZB-V schedule the first and the last virtual stage both live on pipeline rank 0 (see `virtual_stage`), so
+Under the ZB-V schedule the first and the last virtual stage both live on pipeline rank 0 (see `config.virtual_stage`), so
 the tied embedding is one parameter there and each embedding group is that one rank: nothing to all-reduce.
 
 `ParallelLayout` is the pure rank arithmetic (unit-tested without processes); `ParallelState` creates the
@@ -38,29 +38,6 @@ def check_sizes(world_size: int, tp: int, pp: int, virtual_pp: Optional[int] = N
     problems = layout_problems(tp, pp, world_size=world_size, virtual_chunks=virtual_pp or 1)
     if problems:
         raise ParallelConfigError("; ".join(problems))
-
-
-def virtual_stage(pp_size: int, pp_rank: int, chunk: int, num_chunks: int = 1, v_shape: bool = False) -> int:
-    """Position of model chunk `chunk` of pipeline rank `pp_rank` among the PP x chunks virtual stages.
-
-    Interleaved (Megatron): chunk c of rank r is virtual stage c PP + r, so activations always move to the next rank.
-    V shape (ZB-V, two chunks): chunk 0 goes down the ranks, chunk 1 comes back up (virtual stage 2 PP - 1 - r), so
-    the last rank passes activations to itself at the turn and rank 0 holds both the first and the last stage.
-    The single rule of which layers and which messages a (rank, chunk) owns; `stage_of` is its inverse."""
-    if v_shape:
-        if num_chunks != 2:
-            raise ValueError(f"the V placement (zb-v) has exactly 2 model chunks per rank, got {num_chunks}")
-        return pp_rank if chunk == 0 else 2 * pp_size - 1 - pp_rank
-    return chunk * pp_size + pp_rank
-
-
-def stage_of(vs: int, pp_size: int, num_chunks: int = 1, v_shape: bool = False) -> tuple[int, int]:
-    """(pp_rank, chunk) holding virtual stage `vs`: the inverse of `virtual_stage`."""
-    if not 0 <= vs < pp_size * num_chunks:
-        raise ValueError(f"virtual stage {vs} outside {pp_size} ranks x {num_chunks} chunks")
-    if v_shape:
-        return (vs, 0) if vs < pp_size else (2 * pp_size - 1 - vs, 1)
-    return vs % pp_size, vs // pp_size
 
 
 @dataclass(frozen=True)
@@ -156,7 +133,7 @@ class ParallelState:
 
     @property
     def v_shape(self) -> bool:
-        """Model chunks are placed in a V (ZB-V): see `virtual_stage`."""
+        """Model chunks are placed in a V (ZB-V): see `config.virtual_stage`."""
         return self.layout.v_shape
 
     @property

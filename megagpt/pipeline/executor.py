@@ -26,7 +26,8 @@ from megagpt.config import v_shaped
 from megagpt.diagnostics.ledger import LEDGER
 from megagpt.parallel import comm
 from megagpt.parallel.layers import WeightGradQueue, defer_weight_grads
-from megagpt.parallel.state import ParallelState, virtual_stage
+from megagpt.config import virtual_stage
+from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.instructions import Instr, group_steps, neighbour_stage
 from megagpt.pipeline.p2p import exchange
 from megagpt.pipeline.schedules import build_schedule

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from megagpt.parallel.state import stage_of, virtual_stage
+from megagpt.config import stage_of, virtual_stage
 
 BACKWARD_OPS = ("backward", "backward_input", "backward_weight")
 COMPUTE_OPS = ("forward",) + BACKWARD_OPS

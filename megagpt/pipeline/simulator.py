@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Union
 
-from megagpt.parallel.state import virtual_stage
+from megagpt.config import virtual_stage
 from megagpt.pipeline.instructions import Instr, group_steps
 
 DURATION = {"forward": "f", "backward": "b", "backward_input": "bi", "backward_weight": "bw"}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from megagpt.parallel.state import virtual_stage
+from megagpt.config import virtual_stage
 from megagpt.pipeline.instructions import Compute, Instr, check_stage, place_communication
 
 

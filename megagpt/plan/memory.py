@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megagpt.config import Config, num_microbatches, num_model_chunks, pad_vocab_size
+from megagpt.config import Config, num_microbatches, num_model_chunks, pad_vocab_size, v_shaped, virtual_stage
 from megagpt.optim.bucket_layout import KIND_DP, KIND_EMBEDDING_SYNC, KIND_TP_SYNC, BucketLayout, bucket_layout
 from megagpt.pipeline.schedules import build_schedule
 from megagpt.plan.cluster import GIB, Cluster
@@ -80,7 +80,8 @@ def dims(config: Config, world_size: int, device: str = "cuda") -> Dims:
 
 # ------------------------------------------------------------------------------------------------ parameters
 
-def chunk_params(config: Config, d: Dims, layers: int, first: bool, last: bool) -> list[tuple[str, int, str]]:
+def chunk_params(config: Config, d: Dims, layers: int, first: bool, last: bool,
+                 tied_here: bool = False) -> list[tuple[str, int, str]]:
     """(name, elements on one TP rank, reduction kind) of one model chunk, in the model's registration order
     (model/gpt.py), which fixes the grad-buffer layout and so its padding."""
     m = config.model
@@ -114,21 +115,27 @@ def chunk_params(config: Config, d: Dims, layers: int, first: bool, last: bool) 
     out += per_layer * layers
     if last:
         out += norm("final_layernorm", h, sp_kind)
-        if untied or not first:                      # an untied head, or the last stage's copy of the tied one
+        if untied or not (first or tied_here):       # an untied head, or the last stage's copy of the tied one
             out.append(("output_layer", d.V // t * h, emb_kind))
     return out
 
 
 def rank_chunks(config: Config, pp_rank: int) -> list[tuple[int, bool, bool]]:
-    """(layers, owns the embedding, owns the LM head) of each model chunk of a pipeline rank."""
+    """(layers, owns the embedding, owns the LM head) of each model chunk of a pipeline rank, by the virtual stage
+    it holds (the V placement of zb-v puts the first and the last on rank 0)."""
     pp, v = config.parallel.pipeline_model_parallel_size, num_model_chunks(config)
     layers = config.model.num_layers // (pp * v)
-    return [(layers, pp_rank == 0 and c == 0, pp_rank == pp - 1 and c == v - 1) for c in range(v)]
+    v_shape = v_shaped(config.parallel.pipeline_schedule)
+    stages = [virtual_stage(pp, pp_rank, c, v, v_shape) for c in range(v)]
+    return [(layers, vs == 0, vs == pp * v - 1) for vs in stages]
 
 
 def rank_params(config: Config, d: Dims, pp_rank: int) -> list[tuple[str, int, str]]:
-    return [p for layers, first, last in rank_chunks(config, pp_rank)
-            for p in chunk_params(config, d, layers, first, last)]
+    """Every parameter of a rank's chunks; a tied LM head on the rank that holds the embedding is that weight."""
+    chunks = rank_chunks(config, pp_rank)
+    holds_embedding = any(first for _, first, _ in chunks)
+    return [p for layers, first, last in chunks
+            for p in chunk_params(config, d, layers, first, last, tied_here=holds_embedding and not first)]
 
 
 def grad_layout(config: Config, d: Dims, pp_rank: int) -> BucketLayout:
