@@ -230,7 +230,8 @@ def load_checkpoint(directory: str, config: Config, ps: ParallelState, chunks: l
     iteration = meta["iteration"]
     folder = shard_dir(directory, iteration, ps.tp_rank, ps.pp_rank)
     converted = is_converted(meta["layout"])
-    reads = [os.path.join(folder, MODEL_FILE)]
+    # Every DP replica reads the (tp, pp) model file; one checksum of it (DP rank 0's) is enough for the agreement.
+    reads = [os.path.join(folder, MODEL_FILE)] if ps.dp_rank == 0 else []
     if load_optim and config.parallel.use_distributed_optimizer and not converted:
         reads.append(zero_shard_file(folder, ps.dp_rank))
     if load_rng and not converted:
