@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import zlib
 from typing import Any, Callable, Optional
 
 
@@ -32,9 +33,34 @@ def atomic_write_text(text: str, path: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
+class _Checksummed:
+    """A write-only file wrapper that keeps the length and CRC-32 of every byte passed through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.size, self.crc = f, 0, 0
+        self.name = getattr(f, "name", "")     # the temporary file's path, as a file object has it
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.size, self.crc = self.size + view.nbytes, zlib.crc32(view, self.crc)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj: Any, path: str) -> tuple[int, int]:
+    """torch.save through atomic_write; returns (bytes, CRC-32) of the file, computed on its way to disk, so a
+    checkpoint's digests cost no second read of what was just written."""
     import torch  # here, not at the top: data tools write through this module without needing torch loaded
-    atomic_write(path, lambda f: torch.save(obj, f))
+    sums: list[_Checksummed] = []
+
+    def write(f: Any) -> None:
+        sums.append(_Checksummed(f))
+        torch.save(obj, sums[0])
+
+    atomic_write(path, write)
+    return sums[0].size, sums[0].crc
 
 
 def new_directory_problem(path: str) -> Optional[str]:

@@ -21,7 +21,7 @@ def _worker(ckpt: str, fail_iteration: int) -> dict:
     def failing(obj, path):
         if f"iter_{fail_iteration:07d}" in path:
             raise OSError("disk full (injected)")
-        real(obj, path)
+        return real(obj, path)
 
     sharded.atomic_torch_save = failing
     try:

@@ -21,25 +21,26 @@ from megagpt.checkpoint.format import METADATA_FILE, complete_iterations, iterat
 _CHUNK = 16 * 2**20
 
 
+def digest_record(size: int, crc: int) -> dict:
+    """The `files` entry of one file in metadata.json."""
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
 def file_digest(path: str) -> dict:
-    """{"bytes": size, "crc32": hex} of one file, read in 16 MiB chunks."""
+    """digest_record of one file on disk, read in 16 MiB chunks."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             crc, size = zlib.crc32(block, crc), size + len(block)
-    return {"bytes": size, "crc32": f"{crc:08x}"}
-
-
-def digests(paths: Iterable[str], folder: str) -> dict[str, dict]:
-    """Digests of `paths`, keyed by their path relative to the iteration folder `folder`."""
-    return {os.path.relpath(p, folder): file_digest(p) for p in paths}
+    return digest_record(size, crc)
 
 
 def digests_under(folder: str) -> dict[str, dict]:
-    """Digests of every file below an iteration folder except metadata.json (a single-process writer's record)."""
+    """Digests of every file below an iteration folder except metadata.json, keyed by the path relative to it (a
+    single-process writer's record, read back from disk)."""
     paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
              if not (root == folder and name == METADATA_FILE)]
-    return digests(sorted(paths), folder)
+    return {os.path.relpath(p, folder): file_digest(p) for p in sorted(paths)}
 
 
 def file_problem(path: str, expected: dict) -> Optional[str]:

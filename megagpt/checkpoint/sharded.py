@@ -31,7 +31,7 @@ import torch.nn as nn
 from megagpt.checkpoint.format import (FORMAT_VERSION, METADATA_FILE, MODEL_FILE, TRACKER_FILE, CheckpointError,
                                        check_compatible, is_converted, iteration_dir, layout_of, model_key,
                                        read_metadata, read_tracker, rng_file, shard_dir, zero_shard_file)
-from megagpt.checkpoint.integrity import damage_message, digests, verify_files
+from megagpt.checkpoint.integrity import damage_message, digest_record, verify_files
 from megagpt.config import Config
 from megagpt.fileio import atomic_torch_save, atomic_write_text
 from megagpt.parallel import comm
@@ -188,11 +188,10 @@ def prepare_checkpoint(directory: str, iteration: int, config: Config, ps: Paral
 def write_files(pending: PendingSave) -> None:
     """Put this rank's files on disk, each atomically (temporary name, fsync, rename), and record their digests;
     no collective. metadata.json is commit_checkpoint's: it lists every rank's digests."""
+    folder = iteration_dir(pending.directory, pending.iteration)
     for obj, path in pending.files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_torch_save(obj, path)
-    pending.digests = digests([path for _, path in pending.files],
-                              iteration_dir(pending.directory, pending.iteration))
+        pending.digests[os.path.relpath(path, folder)] = digest_record(*atomic_torch_save(obj, path))
 
 
 def commit_checkpoint(pending: PendingSave, ps: ParallelState) -> None:
