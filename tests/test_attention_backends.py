@@ -62,15 +62,17 @@ def test_startup_line_names_the_core_and_fused_fails_loudly_on_a_gpu(monkeypatch
     from megagpt.model import softmax
     line = softmax.attention_backend_line
     assert line("auto", "flash", "cpu", torch.float32, 1024).startswith("attention: flash (torch scaled_dot_product")
-    assert "the kernel runs on CUDA, this run is on cpu" in line("fused", "fused", "cpu", torch.float32, 1024)
+    assert "the kernel cannot run: dtype float32 not fp16/bf16" in line("fused", "fused", "cpu", torch.float32, 1024)
+    assert "the kernel cannot run: input is on cpu" in line("fused", "fused", "cpu", torch.bfloat16, 1024)
     monkeypatch.setattr(softmax._EXTENSION, "get", lambda: (None, "RuntimeError: nvcc not found"))
-    with pytest.raises(ValueError, match="fused cannot use the fused softmax kernel: the CUDA extension did not "
-                                         "build: RuntimeError: nvcc not found"):
+    with pytest.raises(ValueError, match="fused cannot use the fused softmax kernel: extension not built: "
+                                         "RuntimeError: nvcc not found"):
         line("fused", "fused", "cuda", torch.bfloat16, 1024)
-    with pytest.raises(ValueError, match="takes fp16/bf16 scores, this run computes in float32"):
+    with pytest.raises(ValueError, match="kernel: dtype float32 not fp16/bf16"):
         line("fused", "fused", "cuda", torch.float32, 1024)
     with pytest.raises(ValueError, match="key length 20000 > 16384"):
         line("fused", "fused", "cuda", torch.bfloat16, 20000)
-    assert "PyTorch softmax (the CUDA extension did not build" in line("local", "fused", "cuda", torch.bfloat16, 1024)
+    assert "PyTorch softmax (the kernel cannot run: extension not built" in line("local", "fused", "cuda",
+                                                                                  torch.bfloat16, 1024)
     monkeypatch.setattr(softmax._EXTENSION, "get", lambda: (object(), None))
     assert line("fused", "fused", "cuda", torch.bfloat16, 1024).startswith("attention: fused softmax CUDA kernel")

@@ -112,6 +112,22 @@ def unavailable_reason() -> Optional[str]:
     return None if module is not None else reason
 
 
+def kernel_problem(fusion: bool, dtype: torch.dtype, key_length: int, device_type: str) -> Optional[str]:
+    """Why scores of `dtype` with `key_length` keys on `device_type` cannot go through the kernel (None: they can),
+    checked in the module docstring's order. On CUDA this builds the extension (once)."""
+    if not fusion:
+        return "disabled by --no-masked-softmax-fusion"
+    if dtype not in _KERNEL_DTYPES:
+        return f"dtype {str(dtype).replace('torch.', '')} not fp16/bf16"
+    reason = kernel_key_length_reason(key_length)
+    if reason is not None:
+        return reason
+    if device_type != "cuda":
+        return f"input is on {device_type}"
+    module, build_error = _EXTENSION.get()
+    return None if module is not None else f"extension not built: {build_error}"
+
+
 class _FusedSoftmaxFunction(torch.autograd.Function):
     """Autograd wrapper: forward and backward both run the CUDA kernels; only probs are saved."""
 
@@ -165,21 +181,9 @@ class FusedScaleMaskSoftmax(nn.Module):
 
     def fused_unavailable_reason(self, scores: Tensor, mask: Optional[Tensor] = None) -> Optional[str]:
         """Why forward would take the PyTorch path for these inputs, or None when it uses the kernel."""
-        if not self.masked_softmax_fusion:
-            return "disabled by --no-masked-softmax-fusion"
-        if scores.dtype not in _KERNEL_DTYPES:
-            return f"dtype {str(scores.dtype).replace('torch.', '')} not fp16/bf16"
-        if scores.dim() != 4:
+        if self.masked_softmax_fusion and scores.dtype in _KERNEL_DTYPES and scores.dim() != 4:
             return f"scores are {scores.dim()}-D, the kernel takes [b, np, sq, sk]"
-        reason = kernel_key_length_reason(scores.shape[-1])
-        if reason is not None:
-            return reason
-        if scores.device.type != "cuda":
-            return f"input is on {scores.device.type}"
-        module, build_error = _EXTENSION.get()
-        if module is None:
-            return f"extension not built: {build_error}"
-        return None
+        return kernel_problem(self.masked_softmax_fusion, scores.dtype, scores.shape[-1], scores.device.type)
 
     @staticmethod
     def _check_mask(scores: Tensor, mask: Optional[Tensor]) -> None:
@@ -223,22 +227,6 @@ class FusedScaleMaskSoftmax(nn.Module):
         return probs.to(scores.dtype)
 
 
-def fused_run_problem(device_type: str, dtype: torch.dtype, seq_length: int, fusion: bool = True) -> Optional[str]:
-    """Why a run on `device_type` computing in `dtype` cannot use the fused kernel for its attention (None: it can).
-    On CUDA this builds the extension (ahead of the first step, so a failed build is reported at start-up)."""
-    if not fusion:
-        return "disabled by --no-masked-softmax-fusion"
-    if device_type != "cuda":
-        return f"the kernel runs on CUDA, this run is on {device_type}"
-    if dtype not in _KERNEL_DTYPES:
-        return f"the kernel takes fp16/bf16 scores, this run computes in {str(dtype).replace('torch.', '')}"
-    reason = kernel_key_length_reason(seq_length)
-    if reason is not None:
-        return reason
-    module, build_error = _EXTENSION.get()
-    return None if module is not None else f"the CUDA extension did not build: {build_error}"
-
-
 def attention_backend_line(requested: str, core: str, device_type: str, dtype: torch.dtype, seq_length: int,
                            fusion: bool = True) -> str:
     """The start-up line naming the attention core that runs and why. ValueError when `--attention-backend fused`
@@ -249,10 +237,10 @@ def attention_backend_line(requested: str, core: str, device_type: str, dtype: t
         return f"attention: flash (torch scaled_dot_product_attention, {where}; --attention-backend {requested})"
     if core == "unfused":
         return "attention: unfused (matmul, PyTorch softmax, matmul; --attention-backend unfused)"
-    problem = fused_run_problem(device_type, dtype, seq_length, fusion)
+    problem = kernel_problem(fusion, dtype, seq_length, device_type)   # on CUDA: builds it now, not at step 1
     if problem is None:
         return f"attention: fused softmax CUDA kernel (csrc/fused_softmax; --attention-backend {requested})"
     if requested == "fused" and device_type == "cuda":
         raise ValueError(f"--attention-backend fused cannot use the fused softmax kernel: {problem}. Use "
                          f"--attention-backend flash (or local, which falls back to PyTorch's softmax)")
-    return f"attention: {requested}, PyTorch softmax ({problem}; --attention-backend {requested})"
+    return f"attention: {requested}, PyTorch softmax (the kernel cannot run: {problem}; --attention-backend {requested})"
