@@ -96,9 +96,9 @@ class Watchdog:
             except RuntimeError:
                 self.store = None
 
-    def _add(self, key: str) -> int:
+    def _add(self, key: str, amount: int = 1) -> int:
         try:
-            return int(self.store.add(PREFIX + key, 1)) if self.store is not None else 0
+            return int(self.store.add(PREFIX + key, amount)) if self.store is not None else 0
         except RuntimeError:
             self.store = None
             return 0
@@ -164,8 +164,4 @@ class Watchdog:
         self._set("done", "1")
 
     def _peek(self, key: str) -> int:
-        try:
-            return int(self.store.add(PREFIX + key, 0)) if self.store is not None else 0
-        except RuntimeError:
-            self.store = None
-            return 0
+        return self._add(key, 0)      # adding 0 reads a counter without waiting for it to exist
